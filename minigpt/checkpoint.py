@@ -1,0 +1,134 @@
+"""Checkpoints: one .npz holding model weights, optimizer state and a JSON metadata string.
+
+Layout (all plain arrays, so `np.load(..., allow_pickle=False)` reads it and nothing executes code):
+    model/<name>   each model parameter/buffer, e.g. model/transformer.wte.weight
+    optim/<name>   each optimizer state array, e.g. optim/exp_avg.transformer.wte.weight
+    meta.json      uint8 array of UTF-8 JSON: config, tokenizer, step, best val loss, RNG state,
+                   and `format_version`
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from minigpt.data import atomic_write
+from minigpt.errors import UserError
+
+FORMAT_VERSION = 1
+MODEL_PREFIX = "model/"
+OPTIM_PREFIX = "optim/"
+META_KEY = "meta.json"
+# What reading a damaged zip/npy can raise (zipfile raises NotImplementedError for mangled headers).
+_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, NotImplementedError, zlib.error)
+
+
+def _json_default(obj: Any) -> Any:
+    """Let NumPy scalars/arrays in meta (e.g. a float32 loss) serialise as plain JSON numbers/lists."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"checkpoint meta value of type {type(obj).__name__} is not JSON-serialisable")
+
+
+def _plain_arrays(prefix: str, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Prefix the names and check every value is a NumPy array savez can store without pickling."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in state.items():
+        arr = np.asarray(value)  # a CuPy array raises here: callers hand over CPU copies
+        if arr.dtype.hasobject:
+            raise TypeError(f"{prefix}{name} has dtype object; checkpoints hold numeric arrays only")
+        out[prefix + name] = arr
+    return out
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: dict[str, np.ndarray],
+    optimizer: dict[str, np.ndarray] | None,
+    meta: dict[str, Any],
+) -> None:
+    """Write model/optimizer state and JSON-able `meta` to one .npz at `path`, atomically.
+
+    The file goes to a temporary name in the same directory and is renamed over `path` only when
+    complete, so a crash mid-save leaves the previous checkpoint intact. `path` is used exactly as
+    given (np.savez adds `.npz` only to file names, and here it writes to an open file).
+    """
+    arrays = _plain_arrays(MODEL_PREFIX, model)
+    arrays.update(_plain_arrays(OPTIM_PREFIX, optimizer or {}))
+    meta_text = json.dumps({**meta, "format_version": FORMAT_VERSION}, default=_json_default)
+    arrays[META_KEY] = np.frombuffer(meta_text.encode("utf-8"), dtype=np.uint8)
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, dict[str, Any]]:
+    """Read a checkpoint: (model state, optimizer state or None if none was saved, meta).
+
+    `meta` is what was saved plus `format_version`. Any unreadable file raises a one-line UserError.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"checkpoint {p} is a directory; pass the .npz file")
+    if not p.exists():
+        raise UserError(f"checkpoint {p} not found")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {p}: {e.strerror or e}") from None
+    if head.startswith(b"\x93NUMPY"):
+        raise UserError(f"checkpoint {p} is a single .npy array, not a minigpt .npz checkpoint")
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        # Checked here because np.load would guess "pickle" and suggest allow_pickle, a bad hint.
+        raise UserError(f"checkpoint {p} is not a readable .npz file (no zip header; empty or corrupt)")
+    try:
+        npz = np.load(p, allow_pickle=False)
+    except _READ_ERRORS as e:
+        raise UserError(f"checkpoint {p} is not a readable .npz file ({_first_line(e)})") from None
+    with npz:
+        try:
+            # Read everything now: a truncated or bit-flipped member fails here (zip CRC), not later.
+            arrays = {name: npz[name] for name in npz.files}
+        except _READ_ERRORS as e:
+            raise UserError(f"checkpoint {p} is corrupt ({_first_line(e)}); use another checkpoint") from None
+
+    meta = _read_meta(p, arrays.pop(META_KEY, None))
+    model = {k[len(MODEL_PREFIX) :]: v for k, v in arrays.items() if k.startswith(MODEL_PREFIX)}
+    optim = {k[len(OPTIM_PREFIX) :]: v for k, v in arrays.items() if k.startswith(OPTIM_PREFIX)}
+    return model, (optim or None), meta
+
+
+def _read_meta(path: Path, raw: np.ndarray | None) -> dict[str, Any]:
+    """Decode and check the meta.json entry of a checkpoint."""
+    if raw is None:
+        raise UserError(f"checkpoint {path} has no meta.json entry; it was not written by minigpt")
+    try:
+        meta = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint {path} has unreadable metadata ({_first_line(e)})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
+        raise UserError(f"checkpoint {path} metadata has no format_version; it was not written by minigpt")
+    version = meta["format_version"]
+    if version > FORMAT_VERSION:
+        raise UserError(
+            f"checkpoint {path} has format version {version}, newer than this minigpt reads "
+            f"({FORMAT_VERSION}); upgrade minigpt"
+        )
+    return meta
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's message cut to one line, so the user-facing error stays one line."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
