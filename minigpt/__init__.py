@@ -1,0 +1,41 @@
+"""minigpt: a tiny GPT on its own autograd engine (NumPy on CPU, CuPy on GPU)."""
+
+from minigpt import functional
+from minigpt.autograd import (
+    Tensor,
+    arange,
+    cat,
+    cuda_available,
+    enable_grad,
+    is_grad_enabled,
+    masked_fill,
+    no_grad,
+    ones,
+    randn,
+    split,
+    stack,
+    tensor,
+    where,
+    zeros,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Tensor",
+    "arange",
+    "cat",
+    "cuda_available",
+    "enable_grad",
+    "functional",
+    "is_grad_enabled",
+    "masked_fill",
+    "no_grad",
+    "ones",
+    "randn",
+    "split",
+    "stack",
+    "tensor",
+    "where",
+    "zeros",
+]

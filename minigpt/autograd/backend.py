@@ -1,0 +1,132 @@
+"""The array backend: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+This is the only module that imports CuPy. Everything else asks it for the array module of an
+array (`xp = get_array_module(a)`) and writes one code path for both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+try:  # CuPy is optional: `pip install -e ".[gpu]"`
+    import cupy as _cupy
+
+    try:
+        _HAS_GPU = _cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # CuPy installed but no driver/device
+        _HAS_GPU = False
+except ImportError:
+    _cupy = None
+    _HAS_GPU = False
+
+Array = Any  # numpy.ndarray or cupy.ndarray
+
+
+def cuda_available() -> bool:
+    """True when CuPy is installed and sees at least one GPU."""
+    return _HAS_GPU
+
+
+def cupy_module() -> Any:
+    """The cupy module itself (for kernels); raises a clear error when it cannot be used."""
+    if not _HAS_GPU:
+        raise RuntimeError('device "cuda" needs CuPy and an NVIDIA GPU: pip install -e ".[gpu]"')
+    return _cupy
+
+
+def get_array_module(a: Array) -> Any:
+    """numpy or cupy, whichever `a` belongs to."""
+    if _cupy is not None and isinstance(a, _cupy.ndarray):
+        return _cupy
+    return np
+
+
+def is_array(a: Any) -> bool:
+    return isinstance(a, np.ndarray) or (_cupy is not None and isinstance(a, _cupy.ndarray))
+
+
+def device_of(a: Array) -> str:
+    return "cuda" if _cupy is not None and isinstance(a, _cupy.ndarray) else "cpu"
+
+
+def normalize_device(device: str | None) -> str:
+    if device is None:
+        return "cpu"
+    name = str(device)
+    if name == "cpu":
+        return "cpu"
+    if name == "gpu" or name == "cuda" or name.startswith("cuda:"):
+        cupy_module()  # raises if unusable
+        return "cuda"
+    raise ValueError(f'unknown device {device!r}: use "cpu" or "cuda"')
+
+
+def to_device(a: Array, device: str) -> Array:
+    """Move an array to "cpu" or "cuda"; a no-op when it is already there."""
+    device = normalize_device(device)
+    if device == "cpu":
+        if isinstance(a, np.ndarray):
+            return a
+        return _cupy.asnumpy(a) if _cupy is not None and isinstance(a, _cupy.ndarray) else np.asarray(a)
+    cp = cupy_module()
+    return a if isinstance(a, cp.ndarray) else cp.asarray(a)
+
+
+def to_numpy(a: Array) -> np.ndarray:
+    return to_device(a, "cpu")
+
+
+def index_add_rows(n_rows: int, ids: Array, values: Array) -> Array:
+    """out[ids[i]] += values[i] for a (n_rows, C) out, with repeated ids summed (scatter-add).
+
+    NumPy's `np.add.at` is slow; a one-hot GEMM wins for small row counts (character vocabularies)
+    and a sort + segment sum (`np.add.reduceat`) otherwise. CuPy has a native scatter-add.
+    """
+    xp = get_array_module(values)
+    ids = ids.reshape(-1)
+    values = values.reshape(ids.shape[0], -1)
+    out_shape = (n_rows, values.shape[1])
+    if xp is not np:
+        out = xp.zeros(out_shape, dtype=values.dtype)
+        scatter_add(out, ids, values)
+        return out
+    if n_rows <= 512 and ids.shape[0] >= n_rows:
+        onehot = np.zeros((n_rows, ids.shape[0]), dtype=values.dtype)
+        onehot[ids, np.arange(ids.shape[0])] = 1
+        return onehot @ values
+    out = np.zeros(out_shape, dtype=values.dtype)
+    if ids.shape[0] == 0:
+        return out
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    out[sorted_ids[starts]] = np.add.reduceat(values[order], starts, axis=0)
+    return out
+
+
+def check_index_bounds(index: Array, size: int, what: str) -> None:
+    """CuPy wraps out-of-range indices silently; NumPy raises. Make both raise the same clear error."""
+    if index.size and (int(index.max()) >= size or int(index.min()) < -size):
+        raise IndexError(f"{what}: index out of range for size {size}")
+
+
+def scatter_add(out: Array, index: Any, values: Array) -> None:
+    """out[index] += values, summing over repeated indices (NumPy's add.at; CuPy's cupyx.scatter_add)."""
+    if isinstance(out, np.ndarray):
+        np.add.at(out, index, values)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(out, index, values)
+
+
+def random_uniform(rng: Any, shape: tuple[int, ...], like: Array) -> Array:
+    """Uniform [0, 1) samples of `like`'s dtype on `like`'s device, from a NumPy or CuPy Generator."""
+    xp = get_array_module(like)
+    if rng is None:
+        rng = xp.random.default_rng()
+    dtype = like.dtype if like.dtype in (np.float32, np.float64) else np.float32
+    sample = rng.random(shape, dtype=dtype)
+    return sample if get_array_module(sample) is xp else to_device(sample, device_of(like))

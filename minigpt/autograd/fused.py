@@ -1,0 +1,348 @@
+"""Fused ops: one forward and one hand-written backward for the hot paths of a GPT.
+
+Each saves only what its backward needs and works in place on its own buffers where it can, so
+a fused op is both faster and lighter than the same computation composed from primitive ops.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from minigpt.autograd.backend import get_array_module, index_add_rows, random_uniform
+from minigpt.autograd.function import Function
+from minigpt.autograd.tensor import Tensor
+
+
+class Linear(Function):
+    """y = x @ W.T + b with W (out, in); leading dims of x are folded so dW is one 2-D GEMM."""
+
+    def forward(self, x, w, b=None):
+        if x.shape[-1] != w.shape[1]:
+            raise ValueError(
+                f"linear: input has {x.shape[-1]} features (shape {tuple(x.shape)}) but the weight "
+                f"{tuple(w.shape)} expects {w.shape[1]}"
+            )
+        x2 = x.reshape(-1, x.shape[-1])
+        out = x2 @ w.T
+        if b is not None:
+            out += b
+        self.x2, self.w, self.x_shape = x2, w, x.shape
+        return out.reshape(*x.shape[:-1], w.shape[0])
+
+    def backward(self, g):
+        g2 = g.reshape(-1, g.shape[-1])
+        need = self.needs_input_grad
+        gx = (g2 @ self.w).reshape(self.x_shape) if need[0] else None
+        gw = g2.T @ self.x2 if need[1] else None
+        if len(need) == 2:
+            return gx, gw
+        return gx, gw, (g2.sum(axis=0) if need[2] else None)
+
+
+class Softmax(Function):
+    def forward(self, x, dim):
+        xp = get_array_module(x)
+        out = x - x.max(axis=dim, keepdims=True)
+        xp.exp(out, out=out)
+        out /= out.sum(axis=dim, keepdims=True)
+        self.out, self.dim = out, dim
+        return out
+
+    def backward(self, g):
+        out = self.out
+        gx = g - (g * out).sum(axis=self.dim, keepdims=True)
+        gx *= out
+        return gx
+
+
+class LogSoftmax(Function):
+    def forward(self, x, dim):
+        xp = get_array_module(x)
+        shifted = x - x.max(axis=dim, keepdims=True)
+        shifted -= xp.log(xp.exp(shifted).sum(axis=dim, keepdims=True))
+        self.out, self.dim = shifted, dim
+        return shifted
+
+    def backward(self, g):
+        xp = get_array_module(g)
+        gx = xp.exp(self.out)
+        gx *= -g.sum(axis=self.dim, keepdims=True)
+        gx += g
+        return gx
+
+
+class CrossEntropy(Function):
+    """Mean of -log softmax(logits)[target] over targets != ignore_index.
+
+    Saves the logits and one log-sum-exp per row; backward rebuilds softmax in its own output
+    buffer and subtracts 1 at the targets (no one-hot is ever built).
+    """
+
+    def forward(self, logits, targets, ignore_index):
+        xp = get_array_module(logits)
+        vocab = logits.shape[-1]
+        x = logits.reshape(-1, vocab)
+        t = targets.reshape(-1)
+        if t.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"cross_entropy: {x.shape[0]} rows of logits {tuple(logits.shape)} but {t.shape[0]} "
+                f"targets {tuple(targets.shape)}"
+            )
+        valid = t != ignore_index
+        if xp is np and t.size and ((t[valid] < 0).any() or (t[valid] >= vocab).any()):
+            raise IndexError(f"cross_entropy: a target id is outside [0, {vocab}) and is not ignore_index")
+        safe_t = xp.where(valid, t, 0)
+        row_max = x.max(axis=1)
+        buf = x - row_max[:, None]
+        xp.exp(buf, out=buf)
+        lse = xp.log(buf.sum(axis=1)) + row_max
+        del buf
+        rows = xp.arange(x.shape[0])
+        losses = lse - x[rows, safe_t]
+        count = valid.sum()
+        all_valid = bool(count == x.shape[0]) if xp is np else False
+        self.x, self.lse, self.safe_t, self.rows, self.shape = x, lse, safe_t, rows, logits.shape
+        self.weight = None if all_valid else valid.astype(x.dtype)
+        self.count = count
+        if not all_valid:
+            losses *= self.weight
+        return (losses.sum() / count).astype(x.dtype)
+
+    def backward(self, g):
+        xp = get_array_module(g)
+        grad = self.x - self.lse[:, None]
+        xp.exp(grad, out=grad)
+        grad[self.rows, self.safe_t] -= 1
+        scale = (g / self.count).astype(grad.dtype)
+        if self.weight is None:
+            grad *= scale
+        else:
+            grad *= (self.weight * scale)[:, None]
+        return grad.reshape(self.shape)
+
+
+class LayerNorm(Function):
+    """Normalise over the last dim, then scale (and shift). Saves x̂ and 1/σ per row."""
+
+    def forward(self, x, w, b=None, eps=1e-5):
+        xp = get_array_module(x)
+        xhat = x - x.mean(axis=-1, keepdims=True)
+        rstd = 1.0 / xp.sqrt((xhat * xhat).mean(axis=-1, keepdims=True) + eps)
+        rstd = rstd.astype(x.dtype, copy=False)
+        xhat *= rstd
+        out = xhat * w
+        if b is not None:
+            out += b
+        self.xhat, self.rstd, self.w = xhat, rstd, w
+        return out
+
+    def backward(self, g):
+        xhat, rstd, w = self.xhat, self.rstd, self.w
+        need = self.needs_input_grad
+        c = g.shape[-1]
+        gx = gw = gb = None
+        if need[0]:
+            gxhat = g * w
+            gx = xhat * (gxhat * xhat).mean(axis=-1, keepdims=True)
+            gx += gxhat.mean(axis=-1, keepdims=True)
+            gxhat -= gx
+            gxhat *= rstd
+            gx = gxhat
+        if need[1]:
+            gw = (g.reshape(-1, c) * xhat.reshape(-1, c)).sum(axis=0)
+        if len(need) == 3 and need[2]:
+            gb = g.reshape(-1, c).sum(axis=0)
+        return (gx, gw) if len(need) == 2 else (gx, gw, gb)
+
+
+_GELU_K = math.sqrt(2.0 / math.pi)
+_GELU_C = 0.044715
+
+
+class Gelu(Function):
+    """GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))."""
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        t = x * x
+        t *= _GELU_C
+        t += 1
+        t *= x
+        t *= _GELU_K
+        xp.tanh(t, out=t)
+        out = t + 1
+        out *= x
+        out *= 0.5
+        self.x, self.t = x, t
+        return out
+
+    def backward(self, g):
+        x, t = self.x, self.t
+        # d/dx = 0.5 (1 + t) + 0.5 x (1 - t²) √(2/π) (1 + 3·0.044715 x²)
+        inner = x * x
+        inner *= 3 * _GELU_C
+        inner += 1
+        inner *= x
+        inner *= 0.5 * _GELU_K
+        inner *= 1 - t * t
+        inner += 0.5 * (1 + t)
+        inner *= g
+        return inner
+
+
+class Embedding(Function):
+    """weight[ids]; backward scatter-adds rows (repeated ids sum)."""
+
+    def forward(self, weight, ids):
+        xp = get_array_module(weight)
+        if xp is np and ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
+            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise IndexError(f"embedding: id {bad} is out of range for {weight.shape[0]} rows")
+        self.ids, self.n_rows = ids, weight.shape[0]
+        return weight[ids]
+
+    def backward(self, g):
+        grad = index_add_rows(self.n_rows, self.ids, g)
+        return grad.reshape(self.n_rows, *g.shape[self.ids.ndim :])
+
+
+class Dropout(Function):
+    def forward(self, x, p, rng):
+        mask = random_uniform(rng, x.shape, x) >= p
+        self.mask = mask.astype(x.dtype)
+        self.mask *= 1.0 / (1.0 - p)
+        return x * self.mask
+
+    def backward(self, g):
+        return g * self.mask
+
+
+_causal_bias_cache: dict[tuple[Any, ...], Any] = {}
+
+
+def causal_bias(xp: Any, tq: int, tk: int, dtype: Any) -> Any:
+    """(tq, tk) additive mask, 0 where query i may see key j and -inf after it.
+
+    Queries are the last tq of tk positions (bottom-right aligned), so a KV-cached step with one
+    query sees every cached key; for tq == tk it is the usual lower-triangular mask.
+    """
+    key = (xp.__name__, tq, tk, np.dtype(dtype).str)
+    bias = _causal_bias_cache.get(key)
+    if bias is None:
+        bias = xp.triu(xp.full((tq, tk), -np.inf, dtype=dtype), k=tk - tq + 1)
+        _causal_bias_cache[key] = bias
+    return bias
+
+
+class ScaledDotProductAttention(Function):
+    """softmax(q kᵀ/√hs + causal mask) v on (B, nh, T, hs): two batched GEMMs per side, softmax in place."""
+
+    def forward(self, q, k, v, is_causal, dropout_p, rng):
+        xp = get_array_module(q)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        att = (q * scale) @ k.swapaxes(-1, -2)  # (B, nh, Tq, Tk)
+        if is_causal:
+            att += causal_bias(xp, att.shape[-2], att.shape[-1], att.dtype)
+        att -= att.max(axis=-1, keepdims=True)
+        xp.exp(att, out=att)
+        att /= att.sum(axis=-1, keepdims=True)
+        self.mask = None
+        if dropout_p > 0:
+            self.mask = (random_uniform(rng, att.shape, att) >= dropout_p).astype(att.dtype)
+            self.mask *= 1.0 / (1.0 - dropout_p)
+        self.q, self.k, self.v, self.att, self.scale = q, k, v, att, scale
+        return (att if self.mask is None else att * self.mask) @ v  # (B, nh, Tq, hs)
+
+    def backward(self, g):
+        att, mask, scale = self.att, self.mask, self.scale
+        need = self.needs_input_grad
+        gv = (att if mask is None else att * mask).swapaxes(-1, -2) @ g if need[2] else None
+        gatt = g @ self.v.swapaxes(-1, -2)  # (B, nh, Tq, Tk)
+        if mask is not None:
+            gatt *= mask
+        # softmax backward, in place: gs = att * (gatt - Σ gatt·att)
+        gatt -= (gatt * att).sum(axis=-1, keepdims=True)
+        gatt *= att
+        gq = gatt @ self.k if need[0] else None
+        if gq is not None:
+            gq *= scale
+        gk = gatt.swapaxes(-1, -2) @ self.q if need[1] else None
+        if gk is not None:
+            gk *= scale
+        return gq, gk, gv
+
+
+# ----------------------------------------------------------------------------- public wrappers
+
+
+def _raw(x: Any) -> Any:
+    return x.data if isinstance(x, Tensor) else x
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T + bias, weight (out_features, in_features) as in PyTorch."""
+    return Linear.apply(x, weight) if bias is None else Linear.apply(x, weight, bias)
+
+
+def softmax(x: Tensor, dim: int = -1) -> Tensor:
+    return Softmax.apply(x, dim=dim)
+
+
+def log_softmax(x: Tensor, dim: int = -1) -> Tensor:
+    return LogSoftmax.apply(x, dim=dim)
+
+
+def cross_entropy(logits: Tensor, targets: Any, ignore_index: int = -1) -> Tensor:
+    """Mean cross-entropy of logits (..., V) against integer targets (...), skipping ignore_index."""
+    targets = _raw(targets)
+    xp = get_array_module(logits.data)
+    if get_array_module(targets) is not xp:
+        targets = xp.asarray(targets)
+    return CrossEntropy.apply(logits, targets=targets, ignore_index=ignore_index)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    args = (x, weight) if bias is None else (x, weight, bias)
+    return LayerNorm.apply(*args, eps=eps)
+
+
+def gelu(x: Tensor) -> Tensor:
+    return Gelu.apply(x)
+
+
+def embedding(ids: Any, weight: Tensor) -> Tensor:
+    """Rows of `weight` (num_embeddings, dim) for integer `ids` of any shape."""
+    ids = _raw(ids)
+    xp = get_array_module(weight.data)
+    if get_array_module(ids) is not xp:
+        ids = xp.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding: ids must be integers, got {ids.dtype}")
+    return Embedding.apply(weight, ids=ids)
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True, rng: Any = None) -> Tensor:
+    """Zero each element with probability p and scale the rest by 1/(1-p); identity when not training."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x
+    if p == 1.0:
+        return x * 0.0
+    return Dropout.apply(x, p=p, rng=rng)
+
+
+def scaled_dot_product_attention(
+    q: Tensor, k: Tensor, v: Tensor, is_causal: bool = True, dropout_p: float = 0.0, rng: Any = None
+) -> Tensor:
+    """Attention on (B, nh, T, hs) tensors. With is_causal, query i sees keys up to its own position,
+    counting queries as the last Tq of the Tk key positions (what a KV cache needs)."""
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"scaled_dot_product_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit "
+            "(q and k need the same head size, k and v the same length)"
+        )
+    return ScaledDotProductAttention.apply(q, k, v, is_causal=is_causal, dropout_p=dropout_p, rng=rng)
