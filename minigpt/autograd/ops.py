@@ -121,10 +121,10 @@ class MatMul(Function):
         # Promote 1-D operands as NumPy does, so the two formulas below hold for every case.
         a2 = a[None, :] if a.ndim == 1 else a
         b2 = b[:, None] if b.ndim == 1 else b
-        if a.ndim == 1:
-            g = g[..., None, :]
         if b.ndim == 1:
             g = g[..., None]
+        if a.ndim == 1:
+            g = g[..., None, :]
         ga, gb = self.needs_input_grad
         grad_a = grad_b = None
         if ga:
@@ -234,9 +234,9 @@ def _axes(dim: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
         return tuple(range(ndim))
     dims = (dim,) if isinstance(dim, int) else tuple(dim)
     for d in dims:
-        if not -ndim <= d < max(ndim, 1):
+        if not -ndim <= d < builtins.max(ndim, 1):
             raise IndexError(f"dim {d} is out of range for a tensor with {ndim} dims")
-    return tuple(sorted(d % max(ndim, 1) for d in dims))
+    return tuple(sorted(d % builtins.max(ndim, 1) for d in dims))
 
 
 def _kept_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -420,7 +420,7 @@ def sum(a: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False
 def mean(a: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> Tensor:
     axes = _axes(dim, a.ndim)
     count = int(np.prod([a.shape[d] for d in axes])) if axes else 1
-    return Sum.apply(a, axes=axes, keepdim=keepdim) * (1.0 / max(count, 1))
+    return Sum.apply(a, axes=axes, keepdim=keepdim) * (1.0 / builtins.max(count, 1))
 
 
 def max(a: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> Tensor:  # noqa: A001

@@ -14,7 +14,7 @@ from minigpt.autograd.function import Function, unbroadcast
 def _default_dtype(data: Any, dtype: Any) -> Any:
     if dtype is not None:
         return np.dtype(dtype)
-    if backend.is_array(data):
+    if backend.is_array(data) or isinstance(data, np.generic):
         return data.dtype  # arrays keep their dtype: float64 stays float64, token ids stay integer
     return np.dtype(np.float32)  # Python numbers and lists become float32, as torch.tensor does
 
@@ -170,6 +170,8 @@ class Tensor:
             for parent, pg in zip(inputs, input_grads):
                 if pg is None or not parent.requires_grad:
                     continue
+                if isinstance(pg, np.generic):  # NumPy turns 0-d results into scalars
+                    pg = np.asarray(pg)
                 if pg.shape != parent.data.shape:
                     pg = unbroadcast(pg, parent.data.shape)
                 key = id(parent)
