@@ -1,18 +1,63 @@
-"""Tokenizers with one interface: encode, decode, vocab_size, eot_token, to_dict/from_dict (JSON)."""
+"""Tokenizers with one interface: encode, decode, vocab_size, eot_token, to_dict/from_dict (JSON).
+
+- `CharTokenizer`: one id per character of the training text (nanoGPT's shakespeare_char).
+- `TiktokenTokenizer`: any tiktoken encoding by name (GPT-2 by default), loaded offline from a cache folder.
+- `BPETokenizer`: our own byte-level BPE trainer; the trained ranks are handed to `tiktoken.Encoding`, so
+  encode/decode run in tiktoken's Rust core.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import base64
+import contextlib
+import functools
+import heapq
+import os
+import re
+import sys
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
+import tiktoken
+
 from minigpt.errors import UserError
+
+ENDOFTEXT = "<|endoftext|>"
+
+# Pre-split patterns in tiktoken's syntax: GPT-2 (tiktoken's r50k/gpt2) and GPT-4 (cl100k_base).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT4_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+
+Pair = tuple[int, int]  # two adjacent token ids
+
+# The shared offline cache holds only the GPT-2 vocabulary files (see shared/data/README.md).
+SHARED_TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiktoken_cache"
+_SHARED_CACHE_ENCODINGS = ("gpt2", "r50k_base")
+
+
+def padded_vocab_size(n: int, multiple: int = 64) -> int:
+    """Round a vocabulary size up to a multiple (50257 -> 50304) for faster matmuls; extra ids are unused."""
+    return -(-n // multiple) * multiple
+
+
+def _int_list(ids: Iterable[int]) -> list[int]:
+    # NumPy arrays (from token files or sampling) convert in C; tiktoken wants plain ints.
+    tolist = getattr(ids, "tolist", None)
+    return tolist() if tolist is not None else [int(i) for i in ids]
 
 
 class Tokenizer:
     """The interface every tokenizer implements. `to_dict()` is JSON-serialisable (meta.json, checkpoints)."""
 
     kind: str = ""
-    vocab_size: int
+    vocab_size: int  # real ids are 0..vocab_size-1; a model may pad its embedding (padded_vocab_size)
     eot_token: int | None = None  # id of the end-of-text special token, if the tokenizer has one
 
     def encode(self, text: str) -> list[int]:
@@ -53,15 +98,399 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         chars = self.chars
-        return "".join(chars[int(i)] for i in ids)
+        return "".join(chars[i] for i in _int_list(ids))
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "chars": "".join(self.chars)}
 
 
+class _TiktokenBacked(Tokenizer):
+    """Shared encode/decode over a `tiktoken.Encoding`.
+
+    Special tokens: the tokenizer's own specials (`allowed`) in the text become their ids, so a corpus
+    joined with "<|endoftext|>" round-trips; any other special-token text is encoded as plain text
+    instead of raising (tiktoken's default), so every string encodes.
+    """
+
+    _enc: tiktoken.Encoding
+    _allowed: frozenset[str]
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode(text, allowed_special=self._allowed, disallowed_special=())
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # errors="replace": a model may emit a token sequence that splits a multi-byte character.
+        try:
+            return self._enc.decode(_int_list(ids), errors="replace")
+        except KeyError as e:
+            raise UserError(
+                f"token id outside this tokenizer's vocabulary of {self.vocab_size} ({e.args[0]}); "
+                "was the checkpoint trained with a different tokenizer?"
+            ) from None
+
+
+@contextlib.contextmanager
+def _tiktoken_download_settings(cache_dir: str | None) -> Iterator[None]:
+    """Temporarily point tiktoken at `cache_dir` (if given) and give its downloads a timeout.
+
+    tiktoken fetches missing vocabulary files with `requests.get(url)` and no timeout, so a firewalled
+    machine could wait minutes; it offers no setting, hence this short-lived patch.
+    """
+    import requests  # tiktoken's own download dependency
+
+    saved_env, saved_get = os.environ.get("TIKTOKEN_CACHE_DIR"), requests.get
+    if cache_dir is not None:
+        os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
+    requests.get = functools.partial(saved_get, timeout=(5, 30))  # (connect, read) seconds
+    try:
+        yield
+    finally:
+        requests.get = saved_get
+        if cache_dir is not None and saved_env is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        elif cache_dir is not None:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved_env
+
+
+def _load_tiktoken(name: str) -> tiktoken.Encoding:
+    known = tiktoken.list_encoding_names()
+    if name not in known:
+        raise UserError(f"unknown tiktoken encoding {name!r}; choose one of: {', '.join(known)}")
+    cache_dir = None
+    user_cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    if not user_cache and name in _SHARED_CACHE_ENCODINGS and SHARED_TIKTOKEN_CACHE.is_dir():
+        cache_dir = str(SHARED_TIKTOKEN_CACHE)
+    try:
+        with _tiktoken_download_settings(cache_dir):
+            return tiktoken.get_encoding(name)
+    except (OSError, ValueError) as e:  # requests' errors are OSErrors; ValueError: a file's hash is wrong
+        raise UserError(
+            f"cannot load tiktoken encoding {name!r}: its files are not in the cache "
+            f"(TIKTOKEN_CACHE_DIR={cache_dir or user_cache or 'unset'}) and the download failed "
+            f"({type(e).__name__}); set TIKTOKEN_CACHE_DIR to a folder holding the cached files "
+            f"(for gpt2 and r50k_base: {SHARED_TIKTOKEN_CACHE})"
+        ) from None
+
+
+class TiktokenTokenizer(_TiktokenBacked):
+    """A pretrained tiktoken encoding by name ("gpt2": 50,257 ids, "<|endoftext|>" = 50256).
+
+    Files come from TIKTOKEN_CACHE_DIR; when it is unset, the workspace's shared cache is used for gpt2 and
+    r50k_base. Only the end-of-text special token is recognised in text (see `_TiktokenBacked`).
+    """
+
+    kind = "tiktoken"
+
+    def __init__(self, name: str = "gpt2"):
+        self.name = name
+        self._enc = _load_tiktoken(name)
+        self.vocab_size = self._enc.n_vocab
+        self._allowed = frozenset({ENDOFTEXT} & self._enc.special_tokens_set)
+        self.eot_token = self._enc.eot_token if self._allowed else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name}
+
+
+# ---- translating tiktoken's pre-split pattern to Python's `re` (for training only) ----
+# `re` has no \p{..} classes, so they are spelled out as code-point ranges from `unicodedata`; \s means
+# Unicode White_Space as in tiktoken's Rust regex, and `$` means end of text. Code points newer than
+# Python's Unicode database may split differently than in tiktoken: that only changes which merges are
+# learned, never correctness, since tiktoken does the splitting when encoding.
+_NO_POSSESSIVE = sys.version_info < (3, 11)  # possessive quantifiers (a++) arrived in Python 3.11
+_WHITE_SPACE = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+@functools.cache
+def _category_ranges() -> dict[str, tuple[tuple[int, int], ...]]:
+    """General category -> code-point ranges. Planes 4-13 and 15-16 are unassigned or private: skipped."""
+    ranges: dict[str, list[list[int]]] = {}
+    for cp in (*range(0x40000), *range(0xE0000, 0xF0000)):
+        r = ranges.setdefault(unicodedata.category(chr(cp)), [])
+        if r and r[-1][1] == cp - 1:
+            r[-1][1] = cp
+        else:
+            r.append([cp, cp])
+    return {cat: tuple((lo, hi) for lo, hi in r) for cat, r in ranges.items()}
+
+
+@functools.cache
+def _category_class_body(name: str) -> str:
+    """Ranges of \\p{name} (one- or two-letter general category) written as a `re` class body."""
+    ranges = sorted(r for cat, rs in _category_ranges().items() if cat.startswith(name) for r in rs)
+    if not ranges or len(name) > 2:
+        raise UserError(f"unsupported \\p{{{name}}} in the pattern; use general categories like L, N, Lu")
+    return "".join(f"\\U{lo:08x}" + ("" if lo == hi else f"-\\U{hi:08x}") for lo, hi in ranges)
+
+
+def _to_python_regex(pattern: str) -> str:
+    out: list[str] = []
+    in_class, i = False, 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < len(pattern):
+            nxt = pattern[i + 1]
+            if nxt in "pP":
+                m = re.match(r"\{(\w+)\}|(\w)", pattern[i + 2 :])
+                if m is None:
+                    raise UserError(f"malformed \\{nxt} at position {i} of the pattern")
+                body, i = _category_class_body(m.group(1) or m.group(2)), i + 2 + m.end()
+            elif nxt in "sS":
+                body, i = _WHITE_SPACE, i + 2
+            else:
+                out.append(pattern[i : i + 2])
+                i += 2
+                continue
+            negated = nxt in "PS"
+            if in_class and negated:
+                raise UserError(f"unsupported \\{nxt} inside [...] in the pattern")
+            out.append(body if in_class else f"[{'^' if negated else ''}{body}]")
+            continue
+        if in_class and ch == "]":
+            in_class = False
+        elif not in_class and ch == "[":
+            in_class = True
+            if pattern.startswith("^]", i + 1) or pattern.startswith("]", i + 1):  # a leading ] is literal
+                n = 3 if pattern[i + 1] == "^" else 2
+                out.append(pattern[i : i + n])
+                i += n
+                continue
+        elif not in_class and ch == "$":
+            ch = r"\Z"
+        elif not in_class and ch == "+" and _NO_POSSESSIVE and out and out[-1] in ("+", "*", "?", "}"):
+            ch = ""  # for the GPT patterns a greedy quantifier matches the same as the possessive one
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+@functools.cache
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """Python `re` version of a tiktoken pre-split pattern ("gpt2", "gpt4" or a pattern string)."""
+    try:
+        return re.compile(_to_python_regex(PATTERNS.get(pattern, pattern)))
+    except re.error as e:
+        raise UserError(f"the pre-split pattern does not compile with Python's re: {e}") from None
+
+
+def _valid_utf8_text(text: str) -> str:
+    # Lone surrogates cannot be UTF-8 encoded; tiktoken replaces them with U+FFFD, and so do we.
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _count_chunks(text: str, pattern: str, special_tokens: Iterable[str]) -> Counter[str]:
+    """Unique pre-split chunks with their frequencies; special-token text is cut out, never merged into."""
+    pieces = [text]
+    specials = sorted(special_tokens, key=len, reverse=True)
+    if specials:
+        pieces = re.split("|".join(map(re.escape, specials)), text)
+    findall = compile_pattern(pattern).findall
+    counts: Counter[str] = Counter()
+    for piece in pieces:
+        counts.update(findall(piece))
+    return counts
+
+
+def _learn_merges(chunk_counts: Counter[str], n_merges: int, min_vocab: int) -> list[Pair]:
+    """Byte-level BPE over unique chunks weighted by frequency, updated locally after each merge.
+
+    State: each chunk as a list of token ids; `counts[pair]` = weighted occurrences; `where[pair]` = chunks
+    that may contain it (a superset: entries go stale rather than being removed). A max-heap of
+    (-count, pair) picks the best pair; counts only grow for pairs containing the newly made token, which
+    are pushed afresh, while entries of pairs whose count shrank are fixed when they surface (lazy
+    invalidation). Ties go to the smallest pair of ids, so the result depends on the text alone.
+    """
+    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
+    freqs = list(chunk_counts.values())
+    counts: dict[Pair, int] = {}
+    where: dict[Pair, set[int]] = {}
+    for idx, (w, f) in enumerate(zip(words, freqs)):
+        for pair in zip(w, w[1:]):
+            counts[pair] = counts.get(pair, 0) + f
+            where.setdefault(pair, set()).add(idx)
+    heap = [(-c, pair) for pair, c in counts.items()]
+    heapq.heapify(heap)
+    token_bytes = [bytes([i]) for i in range(256)]
+    known_bytes = set(token_bytes)
+
+    merges: list[Pair] = []
+    while len(merges) < n_merges:
+        pair = _pop_best(heap, counts)
+        if pair is None:
+            most = min_vocab + len(merges)
+            raise UserError(
+                f"vocab_size {min_vocab + n_merges} is more than this text supports: it runs out of pairs to "
+                f"merge at {most} tokens; use a vocab_size <= {most} or train on more text"
+            )
+        a, b = pair
+        merged = token_bytes[a] + token_bytes[b]
+        if merged in known_bytes:
+            # Two merge paths spelling the same bytes would give tiktoken one token two ranks. Not seen even
+            # on adversarial texts, but skip such a pair for good: its count only shrinks from here on.
+            counts[pair] = 0
+            continue
+        new = len(token_bytes)
+        token_bytes.append(merged)
+        known_bytes.add(merged)
+        merges.append(pair)
+        new_pairs = _apply_merge(pair, new, where.pop(pair), words, freqs, counts, where)
+        for q in new_pairs:
+            heapq.heappush(heap, (-counts[q], q))
+    return merges
+
+
+def _pop_best(heap: list[tuple[int, Pair]], counts: dict[Pair, int]) -> Pair | None:
+    """The pair with the highest count (smallest ids on ties), or None when no pair is left."""
+    while heap:
+        neg, pair = heapq.heappop(heap)
+        c = counts.get(pair, 0)
+        if c == -neg:
+            return pair
+        if c > 0:  # stale entry: its count shrank since it was pushed
+            heapq.heappush(heap, (-c, pair))
+    return None
+
+
+def _apply_merge(
+    pair: Pair,
+    new: int,
+    chunk_ids: set[int],
+    words: list[list[int]],
+    freqs: list[int],
+    counts: dict[Pair, int],
+    where: dict[Pair, set[int]],
+) -> set[Pair]:
+    """Replace `pair` by `new` in the given chunks (left to right), updating the pair counts of those chunks
+    only. Returns the pairs that contain `new` (the only ones whose counts grew)."""
+    a, b = pair
+    new_pairs: set[Pair] = set()
+    for idx in chunk_ids:
+        w = words[idx]
+        n = len(w)
+        out: list[int] = []
+        i = 0
+        while i < n:
+            if w[i] == a and i + 1 < n and w[i + 1] == b:
+                out.append(new)
+                i += 2
+            else:
+                out.append(w[i])
+                i += 1
+        if len(out) == n:  # stale `where` entry: the pair left this chunk in an earlier merge
+            continue
+        f = freqs[idx]
+        for q in zip(w, w[1:]):
+            counts[q] -= f
+        for q in zip(out, out[1:]):
+            counts[q] = counts.get(q, 0) + f
+            if new in q:
+                new_pairs.add(q)
+                where.setdefault(q, set()).add(idx)
+        words[idx] = out
+    del counts[pair]  # every occurrence was merged, so its count is now 0
+    return new_pairs
+
+
+class BPETokenizer(_TiktokenBacked):
+    """Byte-level BPE: ids 0-255 are the bytes, then one id per merge, then the special tokens.
+
+    Train with `BPETokenizer.train(text, vocab_size)`. Encoding and decoding run in tiktoken: the ranks
+    (token bytes in id order) become a `tiktoken.Encoding`. tiktoken merges the adjacent pair whose bytes
+    have the lowest rank, which equals applying the merges in training order because every merged token
+    ranks after its parts. Every string round-trips: all 256 bytes are tokens. The tokenizer's special
+    tokens are recognised in text (see `_TiktokenBacked`).
+    """
+
+    kind = "bpe"
+
+    def __init__(
+        self,
+        ranks: list[bytes],
+        pattern: str = "gpt2",
+        special_tokens: dict[str, int] | None = None,
+        merges: list[Pair] | None = None,
+    ):
+        if ranks[:256] != [bytes([i]) for i in range(256)] or len(set(ranks)) != len(ranks):
+            raise UserError("invalid BPE ranks: the first 256 must be the single bytes in order, all unique")
+        specials = special_tokens if special_tokens is not None else {}
+        if sorted(specials.values()) != list(range(len(ranks), len(ranks) + len(specials))):
+            raise UserError(f"special token ids must follow the {len(ranks)} ranks, got {specials}")
+        self.pattern = PATTERNS.get(pattern, pattern)
+        self.ranks = list(ranks)
+        self.special_tokens = dict(specials)
+        self.merges = merges  # (left id, right id) per merge, in rank order; known only after training
+        try:
+            self._enc = tiktoken.Encoding(
+                "minigpt-bpe",
+                pat_str=self.pattern,
+                mergeable_ranks={tok: rank for rank, tok in enumerate(self.ranks)},
+                special_tokens=self.special_tokens,
+            )
+        except ValueError as e:
+            raise UserError(f"tiktoken rejects the pre-split pattern: {str(e).splitlines()[0]}") from None
+        self._allowed = frozenset(self.special_tokens)
+        self.vocab_size = len(self.ranks) + len(self.special_tokens)
+        self.eot_token = self.special_tokens.get(ENDOFTEXT)
+
+    @classmethod
+    def train(
+        cls,
+        text: str,
+        vocab_size: int,
+        pattern: str = "gpt2",
+        special_tokens: Iterable[str] = (ENDOFTEXT,),
+    ) -> BPETokenizer:
+        """Learn `vocab_size - 256 - len(special_tokens)` merges from `text`.
+
+        `pattern`: "gpt2", "gpt4" or a pre-split regex in tiktoken's syntax. Special tokens get the last
+        ids; their text in `text` only separates chunks.
+        """
+        specials = list(dict.fromkeys(special_tokens))
+        if not all(isinstance(s, str) and s for s in specials):
+            raise UserError(f"special tokens must be non-empty strings, got {specials}")
+        min_vocab = 256 + len(specials)
+        if vocab_size < min_vocab:
+            raise UserError(
+                f"vocab_size {vocab_size} is too small: byte-level BPE needs the 256 bytes plus "
+                f"{len(specials)} special token(s); use a vocab_size >= {min_vocab}"
+            )
+        pattern = PATTERNS.get(pattern, pattern)
+        chunk_counts = _count_chunks(_valid_utf8_text(text), pattern, specials)
+        merges = _learn_merges(chunk_counts, vocab_size - min_vocab, min_vocab)
+        ranks = [bytes([i]) for i in range(256)]
+        for a, b in merges:
+            ranks.append(ranks[a] + ranks[b])
+        special_ids = {s: len(ranks) + i for i, s in enumerate(specials)}
+        return cls(ranks, pattern, special_ids, merges=merges)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "pattern": self.pattern,
+            "ranks": [base64.b64encode(tok).decode("ascii") for tok in self.ranks],
+            "special_tokens": dict(self.special_tokens),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BPETokenizer:
+        ranks = [base64.b64decode(s) for s in d["ranks"]]
+        return cls(ranks, d["pattern"], {str(k): int(v) for k, v in d["special_tokens"].items()})
+
+
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     """Rebuild a tokenizer from its `to_dict()` form."""
     kind = d.get("kind")
-    if kind == "char":
-        return CharTokenizer(d["chars"])
-    raise UserError(f"unknown tokenizer kind {kind!r} in metadata; expected one of: char")
+    try:
+        if kind == "char":
+            return CharTokenizer(d["chars"])
+        if kind == "tiktoken":
+            return TiktokenTokenizer(d["name"])
+        if kind == "bpe":
+            return BPETokenizer.from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:  # ValueError covers bad base64 (binascii.Error)
+        raise UserError(f"malformed {kind} tokenizer in metadata ({type(e).__name__}: {e})") from None
+    raise UserError(f"unknown tokenizer kind {kind!r} in metadata; expected one of: char, tiktoken, bpe")
