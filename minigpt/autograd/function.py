@@ -14,6 +14,9 @@ import numpy as np
 
 if TYPE_CHECKING:
     from minigpt.autograd.tensor import Tensor
+else:
+    Tensor = None  # bound by tensor.py once the class exists (the two modules need each other)
+_new_tensor = object.__new__
 
 _grad_enabled = True
 
@@ -59,7 +62,7 @@ class Function:
     """An op and a node of the graph. Subclasses define forward() and backward()."""
 
     inputs: tuple[Tensor, ...]
-    needs_input_grad: tuple[bool, ...]
+    needs_input_grad: list[bool]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
@@ -70,33 +73,31 @@ class Function:
 
     @classmethod
     def apply(cls, *inputs: Tensor, **kwargs: Any) -> Tensor:
-        from minigpt.autograd.tensor import Tensor
-
-        if len(inputs) > 1:
-            kind = type(inputs[0].data)
-            for t in inputs[1:]:
-                if type(t.data) is not kind:
+        datas = [t.data for t in inputs]
+        needs = [t.requires_grad for t in inputs]
+        if len(datas) > 1:
+            on_cpu = isinstance(datas[0], np.ndarray)
+            for d in datas:
+                if isinstance(d, np.ndarray) is not on_cpu:
                     devices = ", ".join(t.device for t in inputs)
                     raise RuntimeError(
                         f"{cls.__name__.lower()}: tensors are on different devices ({devices}); "
                         "move them with .to(device) first"
                     )
         fn = cls()
-        requires_grad = _grad_enabled and any(t.requires_grad for t in inputs)
+        requires_grad = _grad_enabled and True in needs
         if requires_grad:
-            fn.needs_input_grad = tuple(t.requires_grad for t in inputs)
-        out = fn.forward(*[t.data for t in inputs], **kwargs)
+            fn.needs_input_grad = needs
+        out = fn.forward(*datas, **kwargs)
         if isinstance(out, np.generic):  # NumPy returns scalars from 0-d ops; keep arrays
             out = np.asarray(out)
-        result = Tensor.__new__(Tensor)
+        result = _new_tensor(Tensor)
         result.data = out
         result.grad = None
         result.requires_grad = requires_grad
+        result._ctx = fn if requires_grad else None
         if requires_grad:
             fn.inputs = inputs
-            result._ctx = fn
-        else:
-            result._ctx = None
         return result
 
     def release(self) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from minigpt.autograd import backend
+from minigpt.autograd import backend, function
 from minigpt.autograd.function import Function, unbroadcast
 
 
@@ -159,7 +160,11 @@ class Tensor:
                 if g.dtype != t.data.dtype:
                     g = g.astype(t.data.dtype)
                 if t.grad is None:
-                    t.grad = g.copy()  # g may be shared with another leaf or be a read-only view
+                    # Keep g itself only when nothing else can see it: it owns its memory and our
+                    # local name is its sole reference (refcount 2 = `g` + getrefcount's argument).
+                    # Otherwise (shared with another leaf, a view, user-held) store a copy.
+                    owned = g.flags.owndata and sys.getrefcount(g) == 2
+                    t.grad = g if owned else g.copy()
                 else:
                     t.grad += g
                 continue
@@ -177,6 +182,7 @@ class Tensor:
                 key = id(parent)
                 prev = grads.get(key)
                 grads[key] = pg if prev is None else prev + pg
+            input_grads = pg = prev = None  # hold no stray references (see the ownership test above)
             if not retain_graph:
                 ctx.release()
 
@@ -393,4 +399,5 @@ def arange(start: int, end: int | None = None, step: int = 1, dtype: Any = np.in
     return Tensor(np.arange(start, end, step, dtype=dtype), device=device)
 
 
+function.Tensor = Tensor  # Function.apply builds its results directly
 from minigpt.autograd import ops  # noqa: E402  (ops builds on Tensor)
