@@ -1,0 +1,278 @@
+"""GPT: a decoder-only transformer on the minigpt engine, laid out like nanoGPT's model.py.
+
+Parameter names and (out, in) weight layouts follow GPT-2/nanoGPT, so state dicts map one-to-one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from minigpt import functional as F
+from minigpt import nn
+from minigpt.autograd import Tensor, no_grad
+from minigpt.autograd.backend import get_array_module, is_array, to_numpy
+from minigpt.errors import UserError
+
+POS_ENCODINGS = ("learned", "sinusoidal")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False
+    pos_encoding: str = "learned"  # "learned" (GPT-2's wpe) or "sinusoidal" (a fixed table)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"e.g. --n-embd {self.n_embd // self.n_head * self.n_head or self.n_head}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.pos_encoding not in POS_ENCODINGS:
+            raise UserError(f"pos_encoding must be one of {', '.join(POS_ENCODINGS)}, got {self.pos_encoding!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sinusoidal_table(block_size: int, n_embd: int) -> np.ndarray:
+    """(block_size, n_embd) sin/cos position table of "Attention Is All You Need"."""
+    pos = np.arange(block_size)[:, None]
+    freq = np.exp(-math.log(10000.0) * np.arange(0, n_embd, 2) / n_embd)
+    table = np.zeros((block_size, n_embd))
+    table[:, 0::2] = np.sin(pos * freq)
+    table[:, 1::2] = np.cos(pos * freq)[:, : n_embd // 2]
+    return table.astype(np.float32)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far: (n_layer, B, nh, block_size, hs)."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, like: Any):
+        xp = get_array_module(like)
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = xp.zeros(shape, dtype=like.dtype)
+        self.v = xp.zeros(shape, dtype=like.dtype)
+        self.length = 0  # positions filled
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, rng: np.random.Generator):
+        super().__init__()
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias, rng=rng)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias, rng=rng)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.reshape(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.reshape(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.reshape(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:  # generation (no grad): append to the cache, attend over all of it
+            end = cache.length + T
+            cache.k[layer, :, :, cache.length : end] = k.data
+            cache.v[layer, :, :, cache.length : end] = v.data
+            k, v = Tensor(cache.k[layer, :, :, :end]), Tensor(cache.v[layer, :, :, :end])  # (B, nh, end, hs)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig, rng: np.random.Generator):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias, rng=rng)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias, rng=rng)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig, rng: np.random.Generator):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, rng)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config, rng)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, rng: np.random.Generator | None = None):
+        super().__init__()
+        self.config = config
+        rng = rng if rng is not None else np.random.default_rng(1337)
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd, rng=rng)))
+        if config.pos_encoding == "learned":
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd, rng=rng)
+        else:  # a fixed table, not a parameter: state dicts differ from "learned" only by wpe
+            self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.n_embd))
+        self.transformer["drop"] = nn.Dropout(config.dropout)
+        self.transformer["h"] = nn.ModuleList([Block(config, rng) for _ in range(config.n_layer)])
+        self.transformer["ln_f"] = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False, rng=rng)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying: one Parameter, two names
+
+        # nanoGPT's init: N(0, 0.02) for every weight matrix and embedding, zero biases, and the
+        # projections into the residual stream scaled by 1/sqrt(2 * n_layer) (GPT-2 paper).
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.data[...] = rng.normal(0.0, 0.02, module.weight.shape)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.data[...] = 0.0
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                p.data[...] = rng.normal(0.0, 0.02 / math.sqrt(2 * config.n_layer), p.shape)
+
+    def forward(self, idx: Any, targets: Any = None, cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, vocab) and the mean cross-entropy against targets (ignore_index=-1).
+
+        Without targets only the last position's logits are computed: (B, 1, vocab).
+        With a cache, idx holds only the new tokens; their positions continue from the cache.
+        """
+        ids = idx.data if isinstance(idx, Tensor) else idx if is_array(idx) else np.asarray(idx)
+        B, T = ids.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+        tok_emb = self.transformer.wte(ids)  # (B, T, C)
+        if self.config.pos_encoding == "learned":
+            pos_emb = self.transformer.wpe(np.arange(start, start + T))  # (T, C)
+        else:
+            pos_emb = self.pos_table[start : start + T]  # (T, C), a constant
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += T
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, -1:, :]), None  # (B, 1, vocab): all generation needs
+        logits = self.lm_head(x)  # (B, T, vocab)
+        return logits, F.cross_entropy(logits, targets, ignore_index=-1)
+
+    def generate_tokens(
+        self,
+        idx: Any,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop_token: int | None = None,
+        use_cache: bool = True,
+        vocab_limit: int | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield the next token of every row, (B,) int64, one step at a time (see `generate`)."""
+        tokens = _as_batch(idx)
+        block = self.config.block_size
+        rng = np.random.default_rng(seed)
+        start = max(0, tokens.shape[1] - block)  # the context is tokens[:, start:]
+        cache: KVCache | None = None
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                if tokens.shape[1] - start > block:
+                    # The window is full: slide it, keeping the last half, and rebuild the cache.
+                    start, cache = tokens.shape[1] - max(1, block // 2), None
+                with no_grad():  # per step, so the caller's code between yields keeps its grad mode
+                    if not use_cache:
+                        logits, _ = self(tokens[:, start:])
+                    elif cache is None:
+                        cache = KVCache(self.config, tokens.shape[0], self.lm_head.weight.data)
+                        logits, _ = self(tokens[:, start:], cache=cache)
+                    else:
+                        logits, _ = self(tokens[:, -1:], cache=cache)
+                nxt = sample_next(to_numpy(logits.data[:, -1, :]), rng, temperature, top_k, top_p, vocab_limit)
+                tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
+                yield nxt
+                if stop_token is not None and (tokens[:, -1] == stop_token).all():
+                    break
+        finally:
+            self.train(was_training)
+
+    def generate(self, idx: Any, max_new_tokens: int, **kwargs: Any) -> np.ndarray:
+        """Continue idx (B, T) or (T,) by up to max_new_tokens; returns (B, T + new) int64 ids.
+
+        temperature 0 means greedy; top_k / top_p filter the distribution; seed makes sampling
+        repeatable; generation stops early once every row has produced stop_token. With the KV
+        cache (default) each step feeds one token. The context window slides in jumps of half the
+        block size (then the cache is rebuilt), and use_cache=False recomputes that same context
+        every step, so both produce the same tokens. vocab_limit masks padded vocabulary ids.
+        """
+        tokens = _as_batch(idx)
+        new = list(self.generate_tokens(tokens, max_new_tokens, **kwargs))
+        return np.concatenate([tokens] + [t[:, None] for t in new], axis=1) if new else tokens
+
+
+def _as_batch(idx: Any) -> np.ndarray:
+    tokens = np.asarray(to_numpy(idx.data) if isinstance(idx, Tensor) else idx, dtype=np.int64)
+    if tokens.ndim == 1:
+        tokens = tokens[None, :]
+    if tokens.ndim != 2 or tokens.shape[1] == 0:
+        raise ValueError(f"generate: idx must be (B, T) token ids with T >= 1, got shape {tokens.shape}")
+    return tokens
+
+
+def sample_next(
+    logits: np.ndarray,
+    rng: np.random.Generator,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    vocab_limit: int | None = None,
+) -> np.ndarray:
+    """Draw one token id per row of (B, V) logits: greedy at temperature 0, else softmax sampling."""
+    logits = logits.astype(np.float64)
+    if vocab_limit is not None:
+        logits[:, vocab_limit:] = -np.inf  # padded ids are never emitted
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if top_p is not None and top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p.
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        drop_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs >= top_p
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        probs = np.where(drop, 0.0, probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    cdf = np.cumsum(probs, axis=-1)
+    u = rng.random((probs.shape[0], 1)) * cdf[:, -1:]
+    return np.minimum((cdf <= u).sum(axis=-1), probs.shape[-1] - 1).astype(np.int64)
