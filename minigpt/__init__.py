@@ -1,6 +1,6 @@
 """minigpt: a tiny GPT on its own autograd engine (NumPy on CPU, CuPy on GPU)."""
 
-from minigpt import functional
+from minigpt import functional, nn, optim
 from minigpt.autograd import (
     Tensor,
     arange,
@@ -30,8 +30,10 @@ __all__ = [
     "functional",
     "is_grad_enabled",
     "masked_fill",
+    "nn",
     "no_grad",
     "ones",
+    "optim",
     "randn",
     "split",
     "stack",

@@ -1,0 +1,303 @@
+"""The one training loop: toy MLPs, the tests and GPT training all run through `train()`.
+
+One step = `grad_accum` micro-batches (each loss scaled by 1/grad_accum and backpropagated), an
+optional gradient clip, and one optimizer step with the scheduled learning rate. Around it: periodic
+evaluation, callbacks for checkpointing, a progress bar or plain log lines, a JSONL metrics log,
+a clean stop on Ctrl-C, and a hard stop on a NaN/inf loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from minigpt.autograd.function import no_grad
+from minigpt.autograd.tensor import Tensor
+from minigpt.errors import UserError
+from minigpt.nn import Module
+from minigpt.optim import Optimizer, clip_grad_norm_
+
+
+class TrainingDiverged(UserError):
+    """The loss (or gradient norm) became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    """What the loop knows, handed to every callback. `step` counts completed optimizer steps.
+
+    `loss` is the mean training loss over the last logging window as a float (None before the first
+    one is read: on the GPU it is read only every `log_interval` steps, to avoid a sync per step).
+    """
+
+    step: int
+    max_steps: int
+    lr: float = 0.0
+    loss: float | None = None
+    grad_norm: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # from the latest evaluation
+    elapsed: float = 0.0  # seconds since this call of train() began
+
+
+@dataclass
+class TrainResult:
+    step: int  # completed steps: pass it back as start_step to resume
+    loss: float | None  # the last logged training loss
+    interrupted: bool
+    metrics: dict[str, float]  # the latest evaluation's
+    elapsed: float
+    history: list[dict[str, Any]]  # every record also written to the JSONL log
+
+
+Callback = Callable[[TrainState], Any]
+
+
+class _Reporter:
+    """Where progress goes: a tqdm bar on a terminal, plain lines otherwise, nothing when quiet; plus JSONL."""
+
+    def __init__(self, state: TrainState, desc: str, quiet: bool, log_path: str | Path | None) -> None:
+        self.quiet, self.desc, self.history = quiet, desc, []
+        self.bar = None
+        if not quiet and sys.stdout.isatty():
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.step, desc=desc, file=sys.stdout, dynamic_ncols=True, leave=True
+            )
+        self.log: TextIO | None = None
+        if log_path is not None:
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            self.log = open(log_path, "a", encoding="utf-8")  # appended: a resumed run continues the file
+
+    def record(self, rec: dict[str, Any]) -> None:
+        self.history.append(rec)
+        if self.log is not None:
+            self.log.write(json.dumps(rec, default=float) + "\n")
+            self.log.flush()
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def train_log(self, state: TrainState, steps_per_s: float, tokens_per_step: int | None) -> None:
+        """One JSONL record and one progress update for a logged step."""
+        rec: dict[str, Any] = {"step": state.step, "loss": state.loss, "lr": state.lr, "time": round(state.elapsed, 4)}
+        if tokens_per_step:
+            rec["tokens_per_s"] = round(steps_per_s * tokens_per_step, 1)
+            rate = f"{steps_per_s * tokens_per_step:,.0f} tok/s"
+        else:
+            rec["steps_per_s"] = round(steps_per_s, 3)
+            rate = f"{steps_per_s:.2f} it/s"
+        parts = [f"loss {state.loss:.4f}", f"lr {state.lr:.2e}"]
+        if tokens_per_step or self.bar is None:  # the bar shows it/s itself
+            parts.append(rate)
+        if state.grad_norm is not None:
+            rec["grad_norm"] = state.grad_norm
+            parts.insert(2, f"norm {state.grad_norm:.2f}")
+        self.record(rec)
+        if self.bar is not None:
+            self.bar.set_postfix_str(", ".join(parts), refresh=False)
+        elif not self.quiet:
+            print(f"{self.desc} step {state.step}/{state.max_steps} | " + " | ".join(parts), flush=True)
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        elif not self.quiet:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.log is not None:
+            self.log.close()
+
+
+class _SigintFlag:
+    """While active, the first Ctrl-C only sets a flag, so the step in progress finishes; a second one
+    raises KeyboardInterrupt as usual. Only in the main thread, and only if SIGINT has its default handler."""
+
+    def __init__(self, on_first: Callable[[], None]) -> None:
+        self.set, self.on_first, self.installed = False, on_first, False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.set = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.on_first()
+
+    def __enter__(self) -> _SigintFlag:
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.signal(signal.SIGINT, self._handler)
+                self.installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _forward_backward(
+    model: Module, get_batch: Callable[[], Any], loss_fn: Callable[[Module, Any], Tensor], grad_accum: int
+) -> tuple[Any, float | None]:
+    """Backpropagate grad_accum micro-batches, each loss scaled by 1/grad_accum so the summed grads are
+    the big batch's mean. Returns the step's loss (left on the device) and, on the CPU where reading it
+    is free, the first non-finite micro-batch loss, found before its backward (None when all are fine)."""
+    step_loss: Any = 0.0
+    for _ in range(grad_accum):
+        loss = loss_fn(model, get_batch())
+        if loss.device == "cpu" and not math.isfinite(value := float(loss.data)):
+            return step_loss, value
+        if grad_accum > 1:
+            loss = loss * (1.0 / grad_accum)
+        loss.backward()
+        step_loss = step_loss + loss.data  # no host read: on the GPU that would sync every micro-batch
+    return step_loss, None
+
+
+def train(
+    model: Module,
+    optimizer: Optimizer,
+    get_batch: Callable[[], Any],
+    loss_fn: Callable[[Module, Any], Tensor],
+    *,
+    max_steps: int,
+    start_step: int = 0,
+    lr_schedule: Callable[[int], float] | None = None,
+    grad_clip: float | None = None,
+    grad_accum: int = 1,
+    eval_fn: Callable[[], dict[str, float]] | None = None,
+    eval_interval: int = 0,
+    log_interval: int = 10,
+    on_step_end: Callback | None = None,
+    on_eval: Callback | None = None,
+    on_interrupt: Callback | None = None,
+    on_diverge: Callback | None = None,
+    log_path: str | Path | None = None,
+    quiet: bool = False,
+    tokens_per_step: int | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train `model` from step `start_step` until `max_steps` optimizer steps are done.
+
+    get_batch() -> batch; loss_fn(model, batch) -> scalar loss Tensor. `lr_schedule(step)` (step
+    counted from 0) sets every param group's lr before each step. `eval_fn()` -> metrics runs under
+    no_grad and model.eval() every `eval_interval` steps and after the last step (only then when
+    `eval_interval` is 0). Callbacks get the TrainState: `on_step_end` after every step (after any
+    evaluation), `on_eval` after an evaluation, `on_interrupt` on Ctrl-C (the step in progress is
+    finished, or abandoned if it cannot be), `on_diverge` before TrainingDiverged is raised.
+    `tokens_per_step` turns the throughput shown from steps/s into tokens/s.
+    """
+    if grad_accum < 1:
+        raise ValueError(f"train: grad_accum must be >= 1, got {grad_accum}")
+    if start_step < 0 or max_steps < 0:
+        raise ValueError(f"train: need 0 <= start_step and 0 <= max_steps (got {start_step}, {max_steps})")
+    state = TrainState(step=start_step, max_steps=max_steps, lr=float(optimizer.param_groups[0]["lr"]))
+    report = _Reporter(state, desc, quiet, log_path)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    t0 = time.perf_counter()
+    window_start, window_steps = t0, 0
+    running: Any = 0.0  # summed step losses since the last log, left on the device until read
+    interrupted = False
+
+    def diverged(what: str, value: float, when: str) -> TrainingDiverged:
+        state.elapsed = time.perf_counter() - t0
+        if what == "loss":
+            state.loss = value
+        optimizer.zero_grad()
+        if on_diverge is not None:
+            on_diverge(state)
+        return TrainingDiverged(
+            f"training diverged: the {what} is {value} {when}. Lower the learning rate "
+            f"(it was {state.lr:.3g}) or clip gradients (grad_clip), then restart from the last good checkpoint"
+        )
+
+    def evaluate() -> None:
+        was_training = model.training
+        model.eval()
+        try:
+            with no_grad():
+                metrics = eval_fn() if eval_fn is not None else {}
+        finally:
+            model.train(was_training)
+        state.metrics = {k: float(v) for k, v in metrics.items()}
+        state.elapsed = time.perf_counter() - t0
+        report.record({"step": state.step, "time": round(state.elapsed, 4), "metrics": state.metrics})
+        report.message(f"{desc} step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in state.metrics.items()))
+        if on_eval is not None:
+            on_eval(state)
+
+    def interrupt_notice() -> None:
+        report.message("interrupt: finishing the current step (Ctrl-C again to abandon it)")
+
+    model.train()
+    try:
+        with _SigintFlag(interrupt_notice) as sigint:
+            try:
+                while state.step < max_steps:
+                    if lr_schedule is not None:
+                        state.lr = float(lr_schedule(state.step))
+                        for group in optimizer.param_groups:
+                            group["lr"] = state.lr
+                    optimizer.zero_grad()
+                    step_loss, bad = _forward_backward(model, get_batch, loss_fn, grad_accum)
+                    if bad is not None:  # stopped before a bad update: the weights are still good
+                        raise diverged("loss", bad, f"at step {state.step + 1}")
+                    if grad_clip is not None:
+                        state.grad_norm = clip_grad_norm_(params, grad_clip)
+                        if not math.isfinite(state.grad_norm):
+                            raise diverged("gradient norm", state.grad_norm, f"at step {state.step + 1}")
+                    optimizer.step()
+                    state.step += 1
+                    running = running + step_loss
+                    window_steps += 1
+                    report.advance()
+
+                    if state.step % max(log_interval, 1) == 0 or state.step == max_steps:
+                        value = float(running) / window_steps  # the one host read per window
+                        if not math.isfinite(value):  # on the GPU: somewhere in this window
+                            raise diverged("loss", value, f"in steps {state.step - window_steps + 1}-{state.step}")
+                        now = time.perf_counter()
+                        state.loss, state.elapsed = value, now - t0
+                        report.train_log(state, window_steps / max(now - window_start, 1e-9), tokens_per_step)
+                        running, window_start, window_steps = 0.0, now, 0
+
+                    if eval_fn is not None and (
+                        (eval_interval and state.step % eval_interval == 0) or state.step == max_steps
+                    ):
+                        evaluate()
+                    state.elapsed = time.perf_counter() - t0
+                    if on_step_end is not None:
+                        on_step_end(state)
+                    if sigint.set:
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                # A step cut short leaves partial gradients; parameters are only touched by
+                # optimizer.step(), which the signal flag lets finish.
+                interrupted = True
+                optimizer.zero_grad()
+                state.elapsed = time.perf_counter() - t0
+                report.message(f"{desc}: interrupted after step {state.step}")
+                if on_interrupt is not None:
+                    on_interrupt(state)
+    finally:
+        report.close()
+    return TrainResult(
+        step=state.step,
+        loss=state.loss,
+        interrupted=interrupted,
+        metrics=state.metrics,
+        elapsed=time.perf_counter() - t0,
+        history=report.history,
+    )
+
+
+__all__ = ["TrainResult", "TrainState", "TrainingDiverged", "train"]
