@@ -294,7 +294,7 @@ class BatchSampler:
                 f"the {name} split has {n} tokens but block size {block_size} needs at least "
                 f"{block_size + 1}; use a smaller --block-size or more data"
             )
-        self.tokens = tokens
+        self.tokens, self.name = tokens, name
         self.batch_size = batch_size
         self.block_size = block_size
         self.rng = np.random.Generator(np.random.PCG64(seed))

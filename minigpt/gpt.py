@@ -73,12 +73,13 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, rng: np.random.Generator):
+    def __init__(self, config: GPTConfig, rng: np.random.Generator, dropout_rng: np.random.Generator):
         super().__init__()
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias, rng=rng)  # q, k, v at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias, rng=rng)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout, rng=dropout_rng)
+        self.dropout_rng = dropout_rng
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         B, T, C = x.shape
@@ -93,17 +94,17 @@ class CausalSelfAttention(nn.Module):
             cache.v[layer, :, :, cache.length : end] = v.data
             k, v = Tensor(cache.k[layer, :, :, :end]), Tensor(cache.v[layer, :, :, :end])  # (B, nh, end, hs)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, rng=self.dropout_rng)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig, rng: np.random.Generator):
+    def __init__(self, config: GPTConfig, rng: np.random.Generator, dropout_rng: np.random.Generator):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias, rng=rng)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias, rng=rng)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout, rng=dropout_rng)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
@@ -112,12 +113,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config: GPTConfig, rng: np.random.Generator):
+    def __init__(self, config: GPTConfig, rng: np.random.Generator, dropout_rng: np.random.Generator):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config, rng)
+        self.attn = CausalSelfAttention(config, rng, dropout_rng)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config, rng)
+        self.mlp = MLP(config, rng, dropout_rng)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         x = x + self.attn(self.ln_1(x), cache, layer)
@@ -129,13 +130,16 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         rng = rng if rng is not None else np.random.default_rng(1337)
+        # Every dropout draws from this one generator: its state is all a checkpoint needs to
+        # make a resumed run drop the same units as an uninterrupted one.
+        self.dropout_rng = np.random.default_rng(int(rng.integers(2**63)))
         self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd, rng=rng)))
         if config.pos_encoding == "learned":
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd, rng=rng)
         else:  # a fixed table, not a parameter: state dicts differ from "learned" only by wpe
             self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.n_embd))
-        self.transformer["drop"] = nn.Dropout(config.dropout)
-        self.transformer["h"] = nn.ModuleList([Block(config, rng) for _ in range(config.n_layer)])
+        self.transformer["drop"] = nn.Dropout(config.dropout, rng=self.dropout_rng)
+        self.transformer["h"] = nn.ModuleList([Block(config, rng, self.dropout_rng) for _ in range(config.n_layer)])
         self.transformer["ln_f"] = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False, rng=rng)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying: one Parameter, two names

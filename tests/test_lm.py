@@ -1,0 +1,208 @@
+"""Language-model runs end to end: train_gpt.py and sample.py, exact resume, and every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minigpt.data import BatchSampler
+from minigpt.lm import RunConfig, load_model, train_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+FALLBACK_TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import sample as sample_script  # noqa: E402
+import train_gpt as train_script  # noqa: E402
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "input.txt"
+    text = SHAKESPEARE.read_text()[:30_000] if SHAKESPEARE.exists() else FALLBACK_TEXT
+    path.write_text(text)
+    return path
+
+
+SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4"]
+
+
+def run_script(script, *args, cwd):
+    env = {**os.environ, "MINIGPT_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+
+
+def test_cli_smoke_train_then_sample(tmp_path, text_file):
+    train = run_script(
+        "train_gpt.py", "--data", str(text_file), "--max-iters", "30", "--eval-interval", "15", "--eval-iters", "2",
+        *SMALL, "--sample-tokens", "20", cwd=tmp_path,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr
+    assert "val loss" in train.stdout and "--- sample ---" in train.stdout
+    out = tmp_path / "out"
+    assert (out / "ckpt.npz").exists() and (out / "last.npz").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["metrics"] for r in records if "metrics" in r]
+    assert len(evals) == 2 and evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert {r["step"] for r in records if "loss" in r} >= {10, 20, 30}
+    sample = run_script("sample.py", "--start", "Th", "--max-new-tokens", "25", "--num-samples", "2", cwd=tmp_path)
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.count("Th") >= 2 and sample.stdout.count("---------------") == 2
+
+
+def test_training_lowers_the_loss(tmp_path, text_file):
+    cfg = RunConfig(
+        data=str(text_file), out_dir=str(tmp_path), max_iters=200, eval_interval=100, eval_iters=4,
+        n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, learning_rate=3e-3, warmup_iters=5,
+        quiet=True, sample_tokens=0,
+    )  # fmt: skip
+    summary = train_lm(cfg, log=lambda s: None)
+    assert summary.step == 200 and summary.val_loss < 2.7  # uniform over ~60 characters is ~4.1, unigrams ~3.3
+    assert summary.val_bpc == pytest.approx(summary.val_loss / np.log(2), rel=1e-6)  # chars: 1 token each
+
+
+def _losses(out_dir):
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, text_file, monkeypatch):
+    common = dict(
+        data=str(text_file), max_iters=10, eval_interval=4, eval_iters=2, log_interval=1, lr_decay_iters=10,
+        n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, dropout=0.2, quiet=True, sample_tokens=0,
+    )  # fmt: skip
+    train_lm(RunConfig(out_dir=str(tmp_path / "full"), **common), log=lambda s: None)
+
+    calls = {"n": 0, "sampler": None}
+    original = BatchSampler.next
+
+    def interrupting_next(self):
+        if calls["sampler"] is None and self.name == "train":
+            calls["sampler"] = self  # the first batch drawn is a training batch (evaluation comes later)
+        if self is calls["sampler"]:
+            calls["n"] += 1
+            if calls["n"] == 7:  # Ctrl-C while fetching the batch of step 7
+                raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(BatchSampler, "next", interrupting_next)
+    first = train_lm(RunConfig(out_dir=str(tmp_path / "split"), **common), log=lambda s: None)
+    assert first.interrupted and first.step == 6
+    monkeypatch.setattr(BatchSampler, "next", original)
+    resumed = train_lm(RunConfig(out_dir=str(tmp_path / "split"), resume=True, **common), log=lambda s: None)
+    assert resumed.step == 10 and not resumed.interrupted
+
+    full, split = _losses(tmp_path / "full"), _losses(tmp_path / "split")
+    assert sorted(split) == list(range(1, 11))
+    for step in range(1, 11):
+        assert split[step] == pytest.approx(full[step], rel=1e-6), step
+
+
+def test_checkpoint_loads_for_sampling(tmp_path, text_file):
+    cfg = RunConfig(data=str(text_file), out_dir=str(tmp_path), max_iters=4, eval_interval=2, eval_iters=1,
+                    n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2, quiet=True, sample_tokens=0)  # fmt: skip
+    train_lm(cfg, log=lambda s: None)
+    model, tokenizer, meta = load_model(tmp_path / "ckpt.npz")
+    assert meta["step"] in (2, 4) and model.config.n_embd == 16
+    assert len(tokenizer.decode(model.generate(np.array([tokenizer.encode("T")]), 5)[0])) == 6
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit 2
+
+
+def expect_exit_2(capsys, main, *argv):
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def train_args(tmp_path, data, *extra):
+    return ("--data", str(data), "--out-dir", str(tmp_path / "out"), "--max-iters", "2", "--eval-interval", "1",
+            "--eval-iters", "1", *SMALL, "--quiet", "--sample-tokens", "0", *extra)  # fmt: skip
+
+
+def test_bad_data_files(tmp_path, capsys):
+    assert "not found" in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, tmp_path / "nope.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "empty" in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, empty))
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"hello \xff\xfe world" * 10)
+    assert "UTF-8" in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, binary))
+    short = tmp_path / "short.txt"
+    short.write_text("abc" * 5)
+    assert "block" in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, short))
+
+
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--n-embd", "30", "--n-head", "4"], "divisible"),
+        (["--n-layer", "0"], "positive"),
+        (["--max-iters", "-5"], "max-iters"),
+        (["--learning-rate", "0"], "learning-rate"),
+        (["--batch-size", "0"], "batch-size"),
+        (["--tokenizer", "words"], "tokenizer"),
+    ],
+)
+def test_bad_settings(tmp_path, text_file, capsys, flags, words):
+    assert words in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, text_file, *flags))
+
+
+def test_bad_config_file(tmp_path, text_file, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text('max_iters = 3\nn-layer = 1\nbogus = 1\n')
+    assert "bogus" in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, text_file, "--config", str(toml)))
+    toml.write_text("max_iters = [")
+    assert "TOML" in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, text_file, "--config", str(toml)))
+
+
+def test_config_file_sets_defaults_and_flags_win(tmp_path, text_file, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text('n-layer = 1\nn_embd = 24\nn_head = 4\nlearning_rate = 1\n')
+    train_script.main(
+        ["--config", str(toml), "--data", str(text_file), "--out-dir", str(tmp_path / "out"), "--max-iters", "2",
+         "--eval-iters", "1", "--block-size", "8", "--quiet", "--n-embd", "16", "--learning-rate", "0.01"]
+    )  # fmt: skip
+    _, _, meta = load_model(tmp_path / "out" / "last.npz")
+    assert meta["model_config"]["n_layer"] == 1 and meta["model_config"]["n_embd"] == 16
+    assert meta["run_config"]["learning_rate"] == 0.01
+
+
+def test_resume_errors_keep_the_saved_checkpoint(tmp_path, text_file, capsys):
+    assert "no checkpoint" in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, text_file, "--resume"))
+    train_script.main(list(train_args(tmp_path, text_file)))
+    capsys.readouterr()
+    last = tmp_path / "out" / "last.npz"
+    saved = last.read_bytes()
+    err = expect_exit_2(capsys, train_script.main, *train_args(tmp_path, text_file, "--resume", "--n-embd", "64"))
+    assert "different model" in err and "n-embd" in err
+    other = tmp_path / "other.txt"
+    other.write_text("completely different alphabet XYZ!? " * 50)
+    assert "vocabulary" in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, other, "--resume"))
+    assert last.read_bytes() == saved  # nothing already saved was lost
+    last.write_bytes(saved[: len(saved) // 2])
+    assert "last.npz" in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, text_file, "--resume"))
+
+
+def test_sample_errors(tmp_path, text_file, capsys):
+    assert "no checkpoint" in expect_exit_2(capsys, sample_script.main, "--out-dir", str(tmp_path / "none"))
+    train_script.main(list(train_args(tmp_path, text_file)))
+    capsys.readouterr()
+    ckpt = str(tmp_path / "out" / "ckpt.npz")
+    err = expect_exit_2(capsys, sample_script.main, "--ckpt", ckpt, "--start", "\u00e9\u00e9")
+    assert "vocabulary" in err and "é" in err
+    assert "temperature" in expect_exit_2(capsys, sample_script.main, "--ckpt", ckpt, "--temperature", "-1")
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a checkpoint at all")
+    assert "garbage.npz" in expect_exit_2(capsys, sample_script.main, "--ckpt", str(garbage))
