@@ -18,10 +18,13 @@ from minigpt.autograd import (
     where,
     zeros,
 )
+from minigpt.gpt import GPT, GPTConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GPT",
+    "GPTConfig",
     "Tensor",
     "arange",
     "cat",

@@ -106,8 +106,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, text_file, monk
 
 
 def test_checkpoint_loads_for_sampling(tmp_path, text_file):
-    cfg = RunConfig(data=str(text_file), out_dir=str(tmp_path), max_iters=4, eval_interval=2, eval_iters=1,
-                    n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2, quiet=True, sample_tokens=0)  # fmt: skip
+    cfg = RunConfig(
+        data=str(text_file), out_dir=str(tmp_path), max_iters=4, eval_interval=2, eval_iters=1,
+        n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2, quiet=True, sample_tokens=0,
+    )  # fmt: skip
     train_lm(cfg, log=lambda s: None)
     model, tokenizer, meta = load_model(tmp_path / "ckpt.npz")
     assert meta["step"] in (2, 4) and model.config.n_embd == 16
