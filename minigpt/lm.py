@@ -95,18 +95,39 @@ class RunConfig:
 RUN_FIELDS = {f.name for f in fields(RunConfig)}
 
 
+# Our BPE's smallest vocabulary: the 256 byte tokens plus the end-of-text special token.
+BPE_MIN_VOCAB = 256 + 1
+# Vocabularies larger than this are padded to a multiple of 64 in the model (see `model_vocab_size`).
+PAD_VOCAB_ABOVE = 4096
+
+
 def build_tokenizer(cfg: RunConfig, text: str) -> Tokenizer:
+    """The run's tokenizer: the text's characters, our BPE trained on the training split, or GPT-2's."""
     if cfg.tokenizer == "char":
         return CharTokenizer.from_text(text)
     if cfg.tokenizer == "gpt2":
         return TiktokenTokenizer("gpt2")
+    if cfg.vocab_size < BPE_MIN_VOCAB:
+        raise UserError(
+            f"--vocab-size {cfg.vocab_size} is too small for --tokenizer bpe: it needs the 256 byte tokens "
+            f"plus <|endoftext|>; use --vocab-size >= {BPE_MIN_VOCAB}"
+        )
     train_text = text[: int(len(text) * 0.9)]  # the BPE merges are learned on the training split only
-    return BPETokenizer.train(train_text, cfg.vocab_size)
+    try:
+        return BPETokenizer.train(train_text, cfg.vocab_size)
+    except UserError as e:  # e.g. more merges than the text has pairs for
+        raise UserError(f"--vocab-size {cfg.vocab_size}: {e}") from None
 
 
 def model_vocab_size(tokenizer: Tokenizer) -> int:
-    """GPT-2's 50,257 ids are padded to 50,304 (a multiple of 64) as nanoGPT does, for faster GEMMs."""
-    return padded_vocab_size(tokenizer.vocab_size) if tokenizer.vocab_size > 4096 else tokenizer.vocab_size
+    """Rows of the model's embedding and output layer for `tokenizer`.
+
+    Large vocabularies are padded to a multiple of 64 for faster GEMMs, as nanoGPT pads GPT-2's 50,257
+    ids to 50,304; the padding ids are never trained on and `sample_text` never emits them. Small
+    vocabularies (characters, our BPE up to 4,096) are used as they are.
+    """
+    n = tokenizer.vocab_size
+    return padded_vocab_size(n) if n > PAD_VOCAB_ABOVE else n
 
 
 @dataclass
@@ -300,7 +321,9 @@ def sample_text(
     """Generate from `prompt` and return the new text; with `stream` (a file), write it as it comes.
 
     Text is decoded from all new ids each step and only the new suffix written, so multi-byte
-    characters split across BPE tokens come out whole.
+    characters split across BPE tokens come out whole: while the decoded text ends in U+FFFD (a
+    character's bytes so far), nothing is written. Only ids below the tokenizer's vocab_size are
+    sampled, never the model's padding rows.
     """
     if not prompt:
         raise UserError("the prompt is empty; pass --start with at least one character")
