@@ -21,7 +21,7 @@ import numpy as np
 
 import minigpt
 from minigpt import functional as F
-from minigpt.autograd import no_grad
+from minigpt.autograd import composed, no_grad
 
 
 def per_call_us(fn: Callable[[], object], min_time: float = 0.2) -> float:
@@ -76,47 +76,6 @@ def overhead_table() -> None:
     )
 
 
-# ----------------------------------------------------------------------------- composed references
-
-
-def linear_composed(x, w, b):
-    return x @ w.T + b
-
-
-def softmax_composed(x):
-    e = (x - x.max(dim=-1, keepdim=True)).exp()
-    return e / e.sum(dim=-1, keepdim=True)
-
-
-def log_softmax_composed(x):
-    shifted = x - x.max(dim=-1, keepdim=True)
-    return shifted - shifted.exp().sum(dim=-1, keepdim=True).log()
-
-
-def cross_entropy_composed(logits, targets):
-    flat = logits.reshape(-1, logits.shape[-1])
-    logp = log_softmax_composed(flat)
-    return -logp[np.arange(flat.shape[0]), targets.reshape(-1)].mean()
-
-
-def layer_norm_composed(x, w, b):
-    mu = x.mean(dim=-1, keepdim=True)
-    centered = x - mu
-    var = (centered * centered).mean(dim=-1, keepdim=True)
-    return centered / (var + 1e-5).sqrt() * w + b
-
-
-def gelu_composed(x):
-    return 0.5 * x * (1 + (math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)).tanh())
-
-
-def attention_composed(q, k, v):
-    t = q.shape[-2]
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    att = att.masked_fill(np.triu(np.ones((t, t), dtype=bool), k=1), -np.inf)
-    return softmax_composed(att) @ v
-
-
 def fwd_bwd(fn: Callable[[], minigpt.Tensor], grad_out: np.ndarray | None) -> Callable[[], None]:
     def step() -> None:
         out = fn()
@@ -164,22 +123,22 @@ def op_rows(rng: np.random.Generator, B: int, T: int, C: int, nh: int, vocabs: l
     q, k, v = (leaf(B, nh, T, C // nh) for _ in range(3))
     tag = f"B={B} T={T} C={C}"
     rows = [
-        ("linear C->4C", tag, lambda: F.linear(x, w, b), lambda: linear_composed(x, w, b), grad(B, T, 4 * C)),
+        ("linear C->4C", tag, lambda: F.linear(x, w, b), lambda: composed.linear(x, w, b), grad(B, T, 4 * C)),
         (
             "layer_norm",
             tag,
             lambda: F.layer_norm(x, ln_w, ln_b),
-            lambda: layer_norm_composed(x, ln_w, ln_b),
+            lambda: composed.layer_norm(x, ln_w, ln_b),
             grad(B, T, C),
         ),
-        ("gelu (B,T,4C)", tag, lambda: F.gelu(h), lambda: gelu_composed(h), grad(B, T, 4 * C)),
-        ("softmax (B,T,C)", tag, lambda: F.softmax(x), lambda: softmax_composed(x), grad(B, T, C)),
-        ("log_softmax", tag, lambda: F.log_softmax(x), lambda: log_softmax_composed(x), grad(B, T, C)),
+        ("gelu (B,T,4C)", tag, lambda: F.gelu(h), lambda: composed.gelu(h), grad(B, T, 4 * C)),
+        ("softmax (B,T,C)", tag, lambda: F.softmax(x), lambda: composed.softmax(x), grad(B, T, C)),
+        ("log_softmax", tag, lambda: F.log_softmax(x), lambda: composed.log_softmax(x), grad(B, T, C)),
         (
             f"attention nh={nh}",
             tag,
             lambda: F.scaled_dot_product_attention(q, k, v),
-            lambda: attention_composed(q, k, v),
+            lambda: composed.scaled_dot_product_attention(q, k, v),
             grad(B, nh, T, C // nh),
         ),
     ]
@@ -197,10 +156,16 @@ def vocab_rows(leaf: Callable, rng: np.random.Generator, B: int, T: int, C: int,
             f"cross_entropy V={V}",
             f"B={B} T={T}",
             lambda: F.cross_entropy(logits, targets),
-            lambda: cross_entropy_composed(logits, targets),
+            lambda: composed.cross_entropy(logits, targets),
             None,
         ),
-        (f"embedding V={V}", f"B={B} T={T} C={C}", lambda: F.embedding(ids, wte), lambda: wte[ids], g),
+        (
+            f"embedding V={V}",
+            f"B={B} T={T} C={C}",
+            lambda: F.embedding(ids, wte),
+            lambda: composed.embedding(ids, wte),
+            g,
+        ),
     ]
 
 
@@ -212,8 +177,8 @@ def fused_table(quick: bool) -> None:
     print(
         f"{'op':<22}{'size':<22}{'fused ms':>9}{'comp ms':>9}{'speedup':>9}{'fused MB':>10}{'comp MB':>9}{'ratio':>7}"
     )
-    for name, tag, fused, composed, g in rows:
-        fused_step, composed_step = fwd_bwd(fused, g), fwd_bwd(composed, g)
+    for name, tag, fused_fn, composed_fn, g in rows:
+        fused_step, composed_step = fwd_bwd(fused_fn, g), fwd_bwd(composed_fn, g)
         tf, tc = compare(fused_step, composed_step, reps=3 if "50304" in name else 15)
         mf, mc = peak_mb(fused_step), peak_mb(composed_step)
         print(f"{name:<22}{tag:<22}{tf:9.2f}{tc:9.2f}{tc / tf:8.2f}x{mf:10.1f}{mc:9.1f}{mc / max(mf, 1e-9):6.2f}x")

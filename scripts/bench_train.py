@@ -1,0 +1,280 @@
+"""Benchmark GPT training steps (forward, backward, grad clip, AdamW) on random tokens.
+
+Prints median step time, tokens/s, achieved GFLOP/s and MFU against this machine's float32 GEMM
+peak (measured here with large NumPy matmuls), and peak RSS.
+
+    python scripts/bench_train.py --config S                 # nanoGPT's CPU Shakespeare model
+    python scripts/bench_train.py --config M --vs-torch      # side by side with PyTorch eager
+    python scripts/bench_train.py --config S --sample        # generation: KV cache vs none
+    python scripts/bench_train.py --n-layer 2 --n-embd 64 --block-size 32 --batch-size 4 --vocab-size 100
+
+With --vs-torch the same model (same weights, batch, dtype and threads) is built in PyTorch and
+the two are timed alternately; peak RSS of each is measured in a child process of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:
+    import minigpt  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minigpt.autograd.backend import get_array_module
+from minigpt.gpt import GPT, GPTConfig
+from minigpt.optim import AdamW, clip_grad_norm_
+
+CONFIGS = {
+    "S": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65),
+    "M": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, vocab_size=65),
+    "GPT2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=8, vocab_size=50304),
+}
+
+
+def gemm_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+    """Best float32 GEMM rate of NumPy's BLAS on n x n matrices."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    a @ b
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def flops_per_step(s: dict[str, int]) -> float:
+    """Matmul FLOPs of one training step: forward GEMMs x 3 (backward costs twice the forward)."""
+    B, T, C, L, V = s["batch_size"], s["block_size"], s["n_embd"], s["n_layer"], s["vocab_size"]
+    per_layer = 2 * B * T * C * (3 * C + C + 8 * C) + 2 * 2 * B * T * T * C  # qkv, proj, mlp; q@k, att@v
+    return 3.0 * (L * per_layer + 2 * B * T * C * V)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class MinigptRunner:
+    def __init__(self, s: dict[str, int], device: str, seed: int = 0):
+        cfg = GPTConfig(**{k: s[k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")})
+        self.model = GPT(cfg, rng=np.random.default_rng(seed)).to(device)
+        self.opt = AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1)
+        self.params = list(self.model.parameters())
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> float:
+        _, loss = self.model(x, y)
+        self.opt.zero_grad()
+        loss.backward()
+        clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        xp = get_array_module(loss.data)
+        if xp is not np:
+            xp.cuda.Device().synchronize()
+        return loss
+
+
+class TorchRunner:
+    """The same GPT in PyTorch eager (nanoGPT's model.py in brief), initialised from minigpt's weights."""
+
+    def __init__(self, s: dict[str, int], device: str, weights: dict[str, np.ndarray]):
+        import torch
+        import torch.nn.functional as TF
+        from torch import nn
+
+        C, nh = s["n_embd"], s["n_head"]
+
+        class Block(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.ln_1 = nn.LayerNorm(C, bias=False)
+                self.c_attn = nn.Linear(C, 3 * C, bias=False)
+                self.attn_proj = nn.Linear(C, C, bias=False)
+                self.ln_2 = nn.LayerNorm(C, bias=False)
+                self.c_fc = nn.Linear(C, 4 * C, bias=False)
+                self.mlp_proj = nn.Linear(4 * C, C, bias=False)
+
+            def forward(self, x):
+                B, T, _ = x.shape
+                q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+                q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in (q, k, v))
+                y = TF.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+                x = x + self.attn_proj(y)
+                return x + self.mlp_proj(TF.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+        class TorchGPT(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.wte = nn.Embedding(s["vocab_size"], C)
+                self.wpe = nn.Embedding(s["block_size"], C)
+                self.h = nn.ModuleList([Block() for _ in range(s["n_layer"])])
+                self.ln_f = nn.LayerNorm(C, bias=False)
+
+            def forward(self, idx, targets):
+                x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+                for block in self.h:
+                    x = block(x)
+                logits = TF.linear(self.ln_f(x), self.wte.weight)  # tied lm_head
+                return TF.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+        self.torch = torch
+        self.device = device
+        self.model = TorchGPT().to(device)
+        ours_to_theirs = {
+            "transformer.wte.weight": "wte.weight",
+            "transformer.wpe.weight": "wpe.weight",
+            "transformer.ln_f.weight": "ln_f.weight",
+        }
+        for i in range(s["n_layer"]):
+            for a, b in [
+                ("ln_1.weight", "ln_1.weight"),
+                ("attn.c_attn.weight", "c_attn.weight"),
+                ("attn.c_proj.weight", "attn_proj.weight"),
+                ("ln_2.weight", "ln_2.weight"),
+                ("mlp.c_fc.weight", "c_fc.weight"),
+                ("mlp.c_proj.weight", "mlp_proj.weight"),
+            ]:
+                ours_to_theirs[f"transformer.h.{i}.{a}"] = f"h.{i}.{b}"
+        state = {
+            theirs: torch.from_numpy(np.ascontiguousarray(weights[ours])) for ours, theirs in ours_to_theirs.items()
+        }
+        self.model.load_state_dict(state)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=1e-4,
+            betas=(0.9, 0.99),
+        )
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> Any:
+        torch = self.torch
+        xt, yt = torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+        loss = self.model(xt, yt)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+
+def batches(s: dict[str, int], n: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    shape = (s["batch_size"], s["block_size"])
+    return [(rng.integers(0, s["vocab_size"], shape), rng.integers(0, s["vocab_size"], shape)) for _ in range(n)]
+
+
+def child_rss(args: argparse.Namespace, engine: str) -> float:
+    """Peak RSS (MB) of a fresh process that runs the benchmark steps of one engine only."""
+    cmd = [sys.executable, __file__, "--rss-child", engine, "--steps", str(args.steps), "--device", args.device]
+    cmd += ["--" + k.replace("_", "-") + "=" + str(v) for k, v in settings(args).items()]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["peak_rss_mb"])
+
+
+def settings(args: argparse.Namespace) -> dict[str, int]:
+    s = dict(CONFIGS[args.config]) if args.config else dict(CONFIGS["S"])
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "vocab_size"):
+        if getattr(args, key) is not None:
+            s[key] = getattr(args, key)
+    return s
+
+
+def bench_sampling(s: dict[str, int], device: str, new_tokens: int) -> None:
+    runner = MinigptRunner(s, device)
+    prompt = np.zeros((1, 1), dtype=np.int64)
+    print(f"\nsampling: batch 1, {new_tokens} new tokens, block {s['block_size']}")
+    rates = {}
+    for use_cache in (True, False):
+        t0 = time.perf_counter()
+        runner.model.generate(prompt, new_tokens, temperature=1.0, seed=0, use_cache=use_cache)
+        dt = time.perf_counter() - t0
+        rates[use_cache] = new_tokens / dt
+        print(f"  {'KV cache' if use_cache else 'no cache':<9} {new_tokens / dt:10,.0f} tokens/s  ({dt:.2f} s)")
+    print(f"  cache speed-up: {rates[True] / rates[False]:.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), help="a named size (default S)")
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "vocab_size"):
+        parser.add_argument("--" + key.replace("_", "-"), type=int)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per engine")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--vs-torch", action="store_true", help="time PyTorch eager side by side")
+    parser.add_argument("--sample", action="store_true", help="also time generation with and without KV cache")
+    parser.add_argument("--sample-tokens", type=int, default=500)
+    parser.add_argument("--rss-child", choices=["minigpt", "torch"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    s = settings(args)
+    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+    data = batches(s, args.warmup + args.steps)
+
+    if args.rss_child:
+        runner: Any = MinigptRunner(s, args.device)
+        if args.rss_child == "torch":
+            import torch
+
+            torch.set_num_threads(threads)
+            runner = TorchRunner(s, args.device, runner.model.state_dict())
+        for x, y in data:
+            runner.step(x, y)
+        print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+        return
+
+    tokens = s["batch_size"] * s["block_size"]
+    print(f"config {args.config or 'S'}: {s}, {threads} threads, device {args.device}")
+    peak = gemm_peak_gflops()
+    print(f"float32 GEMM peak (2048^3 NumPy matmul): {peak:.1f} GFLOP/s")
+    runners: dict[str, Any] = {"minigpt": MinigptRunner(s, args.device)}
+    if args.vs_torch:
+        try:
+            import torch
+        except ImportError:
+            print("error: --vs-torch needs PyTorch (pip install torch==2.13.0)", file=sys.stderr)
+            sys.exit(2)
+        torch.set_num_threads(threads)
+        runners["torch"] = TorchRunner(s, args.device, runners["minigpt"].model.state_dict())
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    losses: dict[str, list[float]] = {name: [] for name in runners}
+    for i, (x, y) in enumerate(data):
+        for name, runner in runners.items():  # alternate, so machine noise hits both alike
+            t0 = time.perf_counter()
+            loss = runner.step(x, y)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+            losses[name].append(float(loss.item()))
+    flops = flops_per_step(s)
+    rates = {}
+    for name in runners:
+        step = float(np.median(times[name]))
+        rates[name] = tokens / step
+        gflops = flops / step / 1e9
+        rss = child_rss(args, name)
+        print(
+            f"{name:<8} step {step * 1e3:8.1f} ms | {tokens / step:10,.0f} tokens/s | {gflops:6.1f} GFLOP/s | "
+            f"MFU {gflops / peak:5.1%} | peak RSS {rss:7.0f} MB | loss {losses[name][0]:.4f} -> {losses[name][-1]:.4f}"
+        )
+    if args.vs_torch:
+        print(f"throughput ratio minigpt/PyTorch: {rates['minigpt'] / rates['torch']:.2f}x")
+    if args.sample:
+        bench_sampling(s, args.device, args.sample_tokens)
+
+
+if __name__ == "__main__":
+    main()
