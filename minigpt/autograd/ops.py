@@ -311,13 +311,24 @@ class GetItem(Function):
         return a[index]
 
     def backward(self, g):
-        xp = get_array_module(g)
-        out = xp.zeros(self.shape, dtype=g.dtype)
+        # Not a full-size array: Tensor.backward adds g into the parent's gradient buffer at
+        # `index`, so k slices of one tensor (split, q/k/v) cost one buffer, not k zero-filled ones.
+        return IndexedGrad(self.index, g)
+
+
+class IndexedGrad:
+    """A gradient that is `value` at `index` of its input and zero elsewhere."""
+
+    __slots__ = ("index", "value")
+
+    def __init__(self, index: Any, value: Any):
+        self.index, self.value = index, value
+
+    def add_to(self, out: Any) -> None:
         if _is_basic_index(self.index):
-            out[self.index] = g  # basic indexing never repeats an element
+            out[self.index] += self.value  # basic indexing never repeats an element
         else:
-            scatter_add(out, self.index, g)
-        return out
+            scatter_add(out, self.index, self.value)
 
 
 class Cat(Function):

@@ -150,11 +150,13 @@ class Tensor:
                 raise ValueError(f"backward: grad has shape {tuple(grad.shape)}, expected {self.shape}")
         order: list[Any] = _topological_order(self)
         grads: dict[int, Any] = {id(self): grad}
+        owned: set[int] = set()  # ids of gradient buffers allocated here, safe to add into in place
         for i in range(len(order) - 1, -1, -1):
             t, order[i] = order[i], None  # drop our reference so activations free as we go
             g = grads.pop(id(t), None)
             if g is None:
                 continue
+            owned.discard(id(g))  # from here on g may be passed along or shared
             ctx = t._ctx
             if ctx is None:  # a leaf: accumulate into a buffer it owns
                 if g.dtype != t.data.dtype:
@@ -163,8 +165,8 @@ class Tensor:
                     # Keep g itself only when nothing else can see it: it owns its memory and our
                     # local name is its sole reference (refcount 2 = `g` + getrefcount's argument).
                     # Otherwise (shared with another leaf, a view, user-held) store a copy.
-                    owned = g.flags.owndata and sys.getrefcount(g) == 2
-                    t.grad = g if owned else g.copy()
+                    sole_owner = g.flags.owndata and sys.getrefcount(g) == 2
+                    t.grad = g if sole_owner else g.copy()
                 else:
                     t.grad += g
                 continue
@@ -175,12 +177,22 @@ class Tensor:
             for parent, pg in zip(inputs, input_grads):
                 if pg is None or not parent.requires_grad:
                     continue
+                key = id(parent)
+                prev = grads.get(key)
+                if type(pg) is IndexedGrad:  # a slice's gradient: add it in place into a buffer we own
+                    if prev is None or id(prev) not in owned:
+                        buffer = xp.zeros(parent.data.shape, dtype=pg.value.dtype)
+                        if prev is not None:
+                            buffer += prev
+                        owned.add(id(buffer))
+                        prev = buffer
+                    pg.add_to(prev)
+                    grads[key] = prev
+                    continue
                 if isinstance(pg, np.generic):  # NumPy turns 0-d results into scalars
                     pg = np.asarray(pg)
                 if pg.shape != parent.data.shape:
                     pg = unbroadcast(pg, parent.data.shape)
-                key = id(parent)
-                prev = grads.get(key)
                 grads[key] = pg if prev is None else prev + pg
             input_grads = pg = prev = None  # hold no stray references (see the ownership test above)
             if not retain_graph:
@@ -401,3 +413,4 @@ def arange(start: int, end: int | None = None, step: int = 1, dtype: Any = np.in
 
 function.Tensor = Tensor  # Function.apply builds its results directly
 from minigpt.autograd import ops  # noqa: E402  (ops builds on Tensor)
+from minigpt.autograd.ops import IndexedGrad  # noqa: E402
