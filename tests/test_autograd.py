@@ -300,3 +300,14 @@ def test_backward_with_explicit_grad():
     x = rand(2, 3)
     (x * 3).backward(np.ones((2, 3)))
     np.testing.assert_allclose(x.grad, np.full((2, 3), 3.0))
+
+
+def test_slices_and_whole_tensor_gradients_accumulate():
+    x = rand(4, 3)
+
+    def f(t):
+        s = t.exp()
+        a, b = s + 0.0, s  # Add hands one gradient array to two paths
+        return (a[:2] * 3).sum() + (b * b).sum() + b[1:].sum() + a[np.array([0, 0, 3])].sum() + a.sum()
+
+    assert gradcheck(f, [x])
