@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from minigpt.autograd import backend
+from minigpt.autograd import backend, kernels_cuda
 from minigpt.autograd.tensor import Tensor
 from minigpt.nn import raise_state_problems
 
@@ -241,6 +241,8 @@ class AdamW(Optimizer):
         state["step"] += 1
         t = state["step"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
+        if xp is not np and kernels_cuda.enabled(p.dtype):  # CUDA kernel; array twin below
+            return kernels_cuda.adamw_step(p.data, grad, m, v, lr, beta1, beta2, eps, wd, t)
         if wd:
             p.data *= 1.0 - lr * wd  # decoupled: shrink the weight, not the gradient
         m *= beta1  # m = β1 m + (1-β1) g

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from minigpt.autograd import kernels_cuda
 from minigpt.autograd.backend import get_array_module, index_add_rows, random_uniform
 from minigpt.autograd.function import Function
 from minigpt.autograd.tensor import Tensor
@@ -91,6 +92,10 @@ class CrossEntropy(Function):
                 f"cross_entropy: {x.shape[0]} rows of logits {tuple(logits.shape)} but {t.shape[0]} "
                 f"targets {tuple(targets.shape)}"
             )
+        if xp is not np and kernels_cuda.enabled(x.dtype):  # CUDA kernel; array twin below
+            loss, self.lse, self.kernel_t, self.count = kernels_cuda.cross_entropy_forward(x, t, ignore_index)
+            self.x, self.shape, self.ignore_index = x, logits.shape, ignore_index
+            return loss
         valid = t != ignore_index
         if xp is np and t.size and ((t[valid] < 0).any() or (t[valid] >= vocab).any()):
             raise IndexError(f"cross_entropy: a target id is outside [0, {vocab}) and is not ignore_index")
@@ -112,6 +117,9 @@ class CrossEntropy(Function):
         return (losses.sum() / count).astype(x.dtype)
 
     def backward(self, g):
+        if getattr(self, "kernel_t", None) is not None:  # the forward ran the CUDA kernel
+            args = (self.x, self.lse, self.kernel_t, self.ignore_index, self.count)
+            return kernels_cuda.cross_entropy_backward(g, *args).reshape(self.shape)
         xp = get_array_module(g)
         grad = self.x - self.lse[:, None]
         xp.exp(grad, out=grad)
@@ -129,6 +137,10 @@ class LayerNorm(Function):
 
     def forward(self, x, w, b=None, eps=1e-5):
         xp = get_array_module(x)
+        if xp is not np and kernels_cuda.enabled(x.dtype):  # CUDA kernel; array twin below
+            out, self.xhat, self.rstd = kernels_cuda.layer_norm_forward(x, w, b, eps)
+            self.w = w
+            return out
         xhat = x - x.mean(axis=-1, keepdims=True)
         rstd = 1.0 / xp.sqrt((xhat * xhat).mean(axis=-1, keepdims=True) + eps)
         rstd = rstd.astype(x.dtype, copy=False)
@@ -142,6 +154,8 @@ class LayerNorm(Function):
     def backward(self, g):
         xhat, rstd, w = self.xhat, self.rstd, self.w
         need = self.needs_input_grad
+        if get_array_module(g) is not np and kernels_cuda.enabled(g.dtype):  # CUDA kernel; array twin below
+            return kernels_cuda.layer_norm_backward(g, xhat, rstd, w, need)
         c = g.shape[-1]
         gx = gw = gb = None
         if need[0]:
@@ -167,6 +181,10 @@ class Gelu(Function):
 
     def forward(self, x):
         xp = get_array_module(x)
+        if xp is not np and kernels_cuda.enabled(x.dtype):  # CUDA kernel; array twin below
+            out, self.t = kernels_cuda.gelu_forward(x)
+            self.x = x
+            return out
         t = x * x
         t *= _GELU_C
         t += 1
@@ -181,6 +199,8 @@ class Gelu(Function):
 
     def backward(self, g):
         x, t = self.x, self.t
+        if get_array_module(g) is not np and kernels_cuda.enabled(g.dtype):  # CUDA kernel; array twin below
+            return kernels_cuda.gelu_backward(g, x, t)
         # d/dx = 0.5 (1 + t) + 0.5 x (1 - t²) √(2/π) (1 + 3·0.044715 x²)
         inner = x * x
         inner *= 3 * _GELU_C
@@ -205,6 +225,8 @@ class Embedding(Function):
         return weight[ids]
 
     def backward(self, g):
+        if get_array_module(g) is not np and kernels_cuda.enabled(g.dtype):  # CUDA kernel; array twin below
+            return kernels_cuda.embedding_backward(g, self.ids, self.n_rows)
         grad = index_add_rows(self.n_rows, self.ids, g)
         return grad.reshape(self.n_rows, *g.shape[self.ids.ndim :])
 
@@ -242,6 +264,10 @@ class ScaledDotProductAttention(Function):
 
     def forward(self, q, k, v, is_causal, dropout_p, rng):
         xp = get_array_module(q)
+        if xp is not np and kernels_cuda.enabled(q.dtype):  # CUDA kernel; array twin below
+            out, self.att, self.mask, self.scale = kernels_cuda.attention_forward(q, k, v, is_causal, dropout_p, rng)
+            self.q, self.k, self.v = q, k, v
+            return out
         scale = 1.0 / math.sqrt(q.shape[-1])
         att = (q * scale) @ k.swapaxes(-1, -2)  # (B, nh, Tq, Tk)
         if is_causal:
