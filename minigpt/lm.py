@@ -183,6 +183,8 @@ def train_lm(cfg: RunConfig, explicit: set[str] | None = None, log: Callable[[st
     """
     explicit = set(explicit or ())
     cfg.validate()
+    if "vocab_size" in explicit and cfg.tokenizer != "bpe":
+        raise UserError(f"--vocab-size only applies to --tokenizer bpe (the {cfg.tokenizer} vocabulary is fixed)")
     out_dir = Path(cfg.out_dir)
     last_path, best_path = out_dir / "last.npz", out_dir / "ckpt.npz"
     resumed: dict[str, Any] | None = None

@@ -155,6 +155,7 @@ def test_bad_data_files(tmp_path, capsys):
         (["--learning-rate", "0"], "learning-rate"),
         (["--batch-size", "0"], "batch-size"),
         (["--tokenizer", "words"], "tokenizer"),
+        (["--vocab-size", "300"], "only applies to --tokenizer bpe"),
     ],
 )
 def test_bad_settings(tmp_path, text_file, capsys, flags, words):
