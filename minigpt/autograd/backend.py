@@ -130,3 +130,55 @@ def random_uniform(rng: Any, shape: tuple[int, ...], like: Array) -> Array:
     dtype = like.dtype if like.dtype in (np.float32, np.float64) else np.float32
     sample = rng.random(shape, dtype=dtype)
     return sample if get_array_module(sample) is xp else to_device(sample, device_of(like))
+
+
+# ----------------------------------------------------------------------------- CPU row blocks
+
+# NumPy runs each ufunc on one core and streams whole arrays through memory. Elementwise and
+# row-wise kernels therefore run over blocks of rows small enough to stay in cache (a kernel makes
+# several passes over its block), split across a few threads: NumPy releases the GIL inside ufunc
+# loops, so the blocks really run in parallel. GEMMs are left to BLAS's own threads.
+BLOCK_ELEMENTS = 1 << 18  # per array and block: 1 MB of float32 (L2 size; smaller blocks lose to GIL hand-offs)
+_pool: Any = None
+
+
+def num_threads() -> int:
+    """Threads for CPU kernels: MINIGPT_NUM_THREADS, else the CPUs this process may run on."""
+    import os
+
+    env = os.environ.get("MINIGPT_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def map_row_blocks(kernel: Any, *arrays: Array) -> list[Any]:
+    """[kernel(*blocks) for consecutive row blocks of `arrays`], which share their first dim.
+
+    Blocks are views, so a kernel writes its outputs in place. CuPy arrays (and small NumPy ones)
+    go through in one call. Results come back in block order.
+    """
+    first = arrays[0]
+    rows = first.shape[0]
+    if not isinstance(first, np.ndarray) or first.size < 2 * BLOCK_ELEMENTS or rows < 2:
+        return [kernel(*arrays)]
+    step = max(1, BLOCK_ELEMENTS * rows // first.size)
+    blocks = [tuple(a[i : i + step] for a in arrays) for i in range(0, rows, step)]
+    threads = min(num_threads(), len(blocks))
+    if threads == 1:
+        return [kernel(*b) for b in blocks]
+    global _pool
+    if _pool is None or _pool._max_workers < threads - 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="minigpt-cpu")
+    per_thread = -(-len(blocks) // threads)
+    groups = [blocks[i : i + per_thread] for i in range(0, len(blocks), per_thread)]
+    futures = [_pool.submit(lambda group: [kernel(*b) for b in group], group) for group in groups[1:]]
+    results = [kernel(*b) for b in groups[0]]  # this thread takes the first share
+    for future in futures:
+        results.extend(future.result())
+    return results

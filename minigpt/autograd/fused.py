@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from minigpt.autograd import kernels_cuda
-from minigpt.autograd.backend import get_array_module, index_add_rows, random_uniform
+from minigpt.autograd.backend import get_array_module, index_add_rows, map_row_blocks, random_uniform
 from minigpt.autograd.function import Function
 from minigpt.autograd.tensor import Tensor
 
@@ -100,11 +100,8 @@ class CrossEntropy(Function):
         if xp is np and t.size and ((t[valid] < 0).any() or (t[valid] >= vocab).any()):
             raise IndexError(f"cross_entropy: a target id is outside [0, {vocab}) and is not ignore_index")
         safe_t = xp.where(valid, t, 0)
-        row_max = x.max(axis=1)
-        buf = x - row_max[:, None]
-        xp.exp(buf, out=buf)
-        lse = xp.log(buf.sum(axis=1)) + row_max
-        del buf
+        lse = xp.empty(x.shape[0], dtype=x.dtype)
+        map_row_blocks(_logsumexp_rows, x, lse)
         rows = xp.arange(x.shape[0])
         losses = lse - x[rows, safe_t]
         count = valid.sum()
@@ -121,15 +118,31 @@ class CrossEntropy(Function):
             args = (self.x, self.lse, self.kernel_t, self.ignore_index, self.count)
             return kernels_cuda.cross_entropy_backward(g, *args).reshape(self.shape)
         xp = get_array_module(g)
-        grad = self.x - self.lse[:, None]
-        xp.exp(grad, out=grad)
-        grad[self.rows, self.safe_t] -= 1
+        grad = xp.empty_like(self.x)
         scale = (g / self.count).astype(grad.dtype)
-        if self.weight is None:
-            grad *= scale
-        else:
-            grad *= (self.weight * scale)[:, None]
+        row_scale = xp.full(self.lse.shape, scale) if self.weight is None else self.weight * scale
+        # (softmax - one-hot) * scale per row, with ignored rows' scale 0
+        map_row_blocks(_scaled_softmax_rows, self.x, self.lse[:, None], row_scale[:, None], grad)
+        grad[self.rows, self.safe_t] -= row_scale
         return grad.reshape(self.shape)
+
+
+def _logsumexp_rows(x, lse):
+    """One block of rows: lse = log Σ exp(x), shifted by the row max for stability."""
+    xp = get_array_module(x)
+    row_max = x.max(axis=1)
+    buf = x - row_max[:, None]
+    xp.exp(buf, out=buf)
+    xp.log(buf.sum(axis=1), out=lse)
+    lse += row_max
+
+
+def _scaled_softmax_rows(x, lse, scale, out):
+    """One block of rows: out = exp(x - lse) * scale, the softmax from each row's log-sum-exp."""
+    xp = get_array_module(x)
+    xp.subtract(x, lse, out=out)
+    xp.exp(out, out=out)
+    out *= scale
 
 
 class LayerNorm(Function):
@@ -141,13 +154,10 @@ class LayerNorm(Function):
             out, self.xhat, self.rstd = kernels_cuda.layer_norm_forward(x, w, b, eps)
             self.w = w
             return out
-        xhat = x - x.mean(axis=-1, keepdims=True)
-        rstd = 1.0 / xp.sqrt((xhat * xhat).mean(axis=-1, keepdims=True) + eps)
-        rstd = rstd.astype(x.dtype, copy=False)
-        xhat *= rstd
-        out = xhat * w
-        if b is not None:
-            out += b
+        out, xhat = xp.empty_like(x), xp.empty_like(x)
+        rstd = xp.empty((*x.shape[:-1], 1), dtype=x.dtype)
+        rows = (a.reshape(-1, a.shape[-1]) for a in (x, out, xhat, rstd))
+        map_row_blocks(lambda *blocks: _layer_norm_rows(*blocks, w, b, eps), *rows)
         self.xhat, self.rstd, self.w = xhat, rstd, w
         return out
 
@@ -156,20 +166,41 @@ class LayerNorm(Function):
         need = self.needs_input_grad
         if get_array_module(g) is not np and kernels_cuda.enabled(g.dtype):  # CUDA kernel; array twin below
             return kernels_cuda.layer_norm_backward(g, xhat, rstd, w, need)
-        c = g.shape[-1]
-        gx = gw = gb = None
-        if need[0]:
-            gxhat = g * w
-            gx = xhat * (gxhat * xhat).mean(axis=-1, keepdims=True)
-            gx += gxhat.mean(axis=-1, keepdims=True)
-            gxhat -= gx
-            gxhat *= rstd
-            gx = gxhat
-        if need[1]:
-            gw = (g.reshape(-1, c) * xhat.reshape(-1, c)).sum(axis=0)
-        if len(need) == 3 and need[2]:
-            gb = g.reshape(-1, c).sum(axis=0)
-        return (gx, gw) if len(need) == 2 else (gx, gw, gb)
+        gx = get_array_module(g).empty_like(g)
+        rows = (a.reshape(-1, a.shape[-1]) for a in (g, xhat, rstd, gx))
+        partials = map_row_blocks(lambda *blocks: _layer_norm_backward_rows(*blocks, w, need), *rows)
+        gw = sum(p[0] for p in partials) if need[1] else None  # per-block partial sums over rows
+        if len(need) == 2:
+            return (gx if need[0] else None), gw
+        gb = sum(p[1] for p in partials) if need[2] else None
+        return (gx if need[0] else None), gw, gb
+
+
+def _layer_norm_rows(x, out, xhat, rstd, w, b, eps):
+    """One block of rows: x̂ = (x - mean) / sqrt(var + eps); out = x̂ w + b."""
+    xp = get_array_module(x)
+    xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)
+    var = xp.einsum("ij,ij->i", xhat, xhat)[:, None] if xp is np else (xhat * xhat).sum(axis=-1, keepdims=True)
+    xp.divide(1.0, xp.sqrt(var * (1.0 / x.shape[-1]) + eps), out=rstd)
+    xhat *= rstd
+    xp.multiply(xhat, w, out=out)
+    if b is not None:
+        out += b
+
+
+def _layer_norm_backward_rows(g, xhat, rstd, gx, w, need):
+    """One block: gx = rstd (g w - mean(g w) - x̂ mean(g w x̂)); returns its (Σ g x̂, Σ g) for dw, db."""
+    xp = get_array_module(g)
+    c = g.shape[-1]
+    xp.multiply(g, w, out=gx)  # g x̂-side: d loss / d x̂
+    mean_g = gx.mean(axis=-1, keepdims=True)
+    mean_gx = (xp.einsum("ij,ij->i", gx, xhat) if xp is np else (gx * xhat).sum(axis=-1))[:, None] * (1.0 / c)
+    gx -= mean_g
+    gx -= xhat * mean_gx
+    gx *= rstd
+    gw = xp.einsum("ij,ij->j", g, xhat) if need[1] else None
+    gb = g.sum(axis=0) if len(need) == 3 and need[2] else None
+    return gw, gb
 
 
 _GELU_K = math.sqrt(2.0 / math.pi)
@@ -185,15 +216,8 @@ class Gelu(Function):
             out, self.t = kernels_cuda.gelu_forward(x)
             self.x = x
             return out
-        t = x * x
-        t *= _GELU_C
-        t += 1
-        t *= x
-        t *= _GELU_K
-        xp.tanh(t, out=t)
-        out = t + 1
-        out *= x
-        out *= 0.5
+        out, t = xp.empty_like(x), xp.empty_like(x)
+        map_row_blocks(_gelu_rows, *(a.reshape(-1, a.shape[-1]) for a in (x, out, t)))
         self.x, self.t = x, t
         return out
 
@@ -201,16 +225,40 @@ class Gelu(Function):
         x, t = self.x, self.t
         if get_array_module(g) is not np and kernels_cuda.enabled(g.dtype):  # CUDA kernel; array twin below
             return kernels_cuda.gelu_backward(g, x, t)
-        # d/dx = 0.5 (1 + t) + 0.5 x (1 - t²) √(2/π) (1 + 3·0.044715 x²)
-        inner = x * x
-        inner *= 3 * _GELU_C
-        inner += 1
-        inner *= x
-        inner *= 0.5 * _GELU_K
-        inner *= 1 - t * t
-        inner += 0.5 * (1 + t)
-        inner *= g
-        return inner
+        gx = get_array_module(g).empty_like(g)
+        map_row_blocks(_gelu_backward_rows, *(a.reshape(-1, a.shape[-1]) for a in (x, t, g, gx)))
+        return gx
+
+
+def _gelu_rows(x, out, t):
+    """One block: t = tanh(√(2/π) (x + 0.044715 x³)), out = 0.5 x (1 + t)."""
+    xp = get_array_module(x)
+    xp.multiply(x, x, out=t)
+    t *= _GELU_C
+    t += 1
+    t *= x
+    t *= _GELU_K
+    xp.tanh(t, out=t)
+    xp.add(t, 1, out=out)
+    out *= x
+    out *= 0.5
+
+
+def _gelu_backward_rows(x, t, g, gx):
+    """One block: gx = g (0.5 (1 + t) + 0.5 x (1 - t²) √(2/π) (1 + 3·0.044715 x²))."""
+    xp = get_array_module(x)
+    xp.multiply(x, x, out=gx)
+    gx *= 3 * _GELU_C
+    gx += 1
+    gx *= x
+    gx *= 0.5 * _GELU_K
+    tmp = t * t  # block-sized temporaries stay in cache
+    xp.subtract(1, tmp, out=tmp)
+    gx *= tmp
+    xp.add(t, 1, out=tmp)
+    tmp *= 0.5
+    gx += tmp
+    gx *= g
 
 
 class Embedding(Function):
@@ -270,11 +318,9 @@ class ScaledDotProductAttention(Function):
             return out
         scale = 1.0 / math.sqrt(q.shape[-1])
         att = (q * scale) @ k.swapaxes(-1, -2)  # (B, nh, Tq, Tk)
-        if is_causal:
-            att += causal_bias(xp, att.shape[-2], att.shape[-1], att.dtype)
-        att -= att.max(axis=-1, keepdims=True)
-        xp.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)
+        tq, tk = att.shape[-2:]
+        bias = causal_bias(xp, tq, tk, att.dtype) if is_causal else None
+        map_row_blocks(lambda a: _softmax_in_place(a, bias), att.reshape(-1, tq, tk))  # blocks of whole heads
         self.mask = None
         if dropout_p > 0:
             self.mask = (random_uniform(rng, att.shape, att) >= dropout_p).astype(att.dtype)
@@ -289,9 +335,8 @@ class ScaledDotProductAttention(Function):
         gatt = g @ self.v.swapaxes(-1, -2)  # (B, nh, Tq, Tk)
         if mask is not None:
             gatt *= mask
-        # softmax backward, in place: gs = att * (gatt - Σ gatt·att)
-        gatt -= (gatt * att).sum(axis=-1, keepdims=True)
-        gatt *= att
+        tq, tk = att.shape[-2:]
+        map_row_blocks(_softmax_backward_in_place, gatt.reshape(-1, tq, tk), att.reshape(-1, tq, tk))
         gq = gatt @ self.k if need[0] else None
         if gq is not None:
             gq *= scale
@@ -299,6 +344,22 @@ class ScaledDotProductAttention(Function):
         if gk is not None:
             gk *= scale
         return gq, gk, gv
+
+
+def _softmax_in_place(att, bias):
+    """Softmax over the last dim of a block, in place, after adding the (tq, tk) mask if any."""
+    xp = get_array_module(att)
+    if bias is not None:
+        att += bias
+    att -= att.max(axis=-1, keepdims=True)
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+
+
+def _softmax_backward_in_place(g, out):
+    """g := out * (g - Σ g·out) over the last dim: softmax's backward, in g's buffer."""
+    g -= (g * out).sum(axis=-1, keepdims=True)
+    g *= out
 
 
 # ----------------------------------------------------------------------------- public wrappers
