@@ -7,6 +7,11 @@ peak (measured here with large NumPy matmuls), and peak RSS.
     python scripts/bench_train.py --config M --vs-torch      # side by side with PyTorch eager
     python scripts/bench_train.py --config S --sample        # generation: KV cache vs none
     python scripts/bench_train.py --n-layer 2 --n-embd 64 --block-size 32 --batch-size 4 --vocab-size 100
+    python scripts/bench_train.py --config M --device cuda --vs-torch [--tf32]   # GPU (CuPy vs PyTorch)
+
+On --device cuda the peak is cuBLAS's (a CuPy matmul) and every timed step ends synchronised.
+--tf32 lets float32 GEMMs use TF32 tensor cores in both engines: CUPY_TF32=1 (set here, before
+minigpt imports CuPy) and torch.backends.cuda.matmul.allow_tf32.
 
 With --vs-torch the same model (same weights, batch, dtype and threads) is built in PyTorch and
 the two are timed alternately; peak RSS of each is measured in a child process of its own.
@@ -27,12 +32,15 @@ from typing import Any
 
 import numpy as np
 
+if "--tf32" in sys.argv:  # CuPy reads CUPY_TF32 from the environment: set it before anything imports CuPy
+    os.environ["CUPY_TF32"] = "1"
+
 try:
     import minigpt  # noqa: F401
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minigpt.autograd.backend import get_array_module
+from minigpt.autograd.backend import cupy_module, get_array_module, normalize_device, to_device
 from minigpt.gpt import GPT, GPTConfig
 from minigpt.optim import AdamW, clip_grad_norm_
 
@@ -43,15 +51,24 @@ CONFIGS = {
 }
 
 
-def gemm_peak_gflops(n: int = 2048, reps: int = 10) -> float:
-    """Best float32 GEMM rate of NumPy's BLAS on n x n matrices."""
+def synchronize(device: str) -> None:
+    """Wait until the GPU has finished the work queued so far (a no-op on the CPU)."""
+    if device == "cuda":
+        cupy_module().cuda.Device().synchronize()
+
+
+def gemm_peak_gflops(n: int = 2048, reps: int = 10, device: str = "cpu") -> float:
+    """Best float32 GEMM rate on n x n matrices: NumPy's BLAS on the CPU, cuBLAS (via CuPy) on "cuda"."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    a, b = to_device(a, device), to_device(b, device)
     a @ b
     best = math.inf
     for _ in range(reps):
+        synchronize(device)
         t0 = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
@@ -97,10 +114,12 @@ class MinigptRunner:
 class TorchRunner:
     """The same GPT in PyTorch eager (nanoGPT's model.py in brief), initialised from minigpt's weights."""
 
-    def __init__(self, s: dict[str, int], device: str, weights: dict[str, np.ndarray]):
+    def __init__(self, s: dict[str, int], device: str, weights: dict[str, np.ndarray], tf32: bool = False):
         import torch
         import torch.nn.functional as TF
         from torch import nn
+
+        torch.backends.cuda.matmul.allow_tf32 = tf32  # PyTorch's default is False: plain float32 GEMMs
 
         C, nh = s["n_embd"], s["n_head"]
 
@@ -190,6 +209,7 @@ def child_rss(args: argparse.Namespace, engine: str) -> float:
     """Peak RSS (MB) of a fresh process that runs the benchmark steps of one engine only."""
     cmd = [sys.executable, __file__, "--rss-child", engine, "--steps", str(args.steps), "--device", args.device]
     cmd += ["--" + k.replace("_", "-") + "=" + str(v) for k, v in settings(args).items()]
+    cmd += ["--tf32"] if args.tf32 else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(json.loads(out.strip().splitlines()[-1])["peak_rss_mb"])
 
@@ -223,12 +243,14 @@ def main() -> None:
         parser.add_argument("--" + key.replace("_", "-"), type=int)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per engine")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help='"cpu" or "cuda" (CuPy; PyTorch on the same GPU)')
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 tensor-core GEMMs (CuPy and PyTorch)")
     parser.add_argument("--vs-torch", action="store_true", help="time PyTorch eager side by side")
     parser.add_argument("--sample", action="store_true", help="also time generation with and without KV cache")
     parser.add_argument("--sample-tokens", type=int, default=500)
     parser.add_argument("--rss-child", choices=["minigpt", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.device = normalize_device(args.device)  # "cuda:0" -> "cuda"; a clear error without CuPy or a GPU
     s = settings(args)
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     data = batches(s, args.warmup + args.steps)
@@ -241,7 +263,7 @@ def main() -> None:
             torch.set_num_threads(threads)
             weights = runner.model.state_dict()
             del runner  # only the PyTorch model's memory counts
-            runner = TorchRunner(s, args.device, weights)
+            runner = TorchRunner(s, args.device, weights, args.tf32)
         for x, y in data:
             runner.step(x, y)
         print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
@@ -249,8 +271,10 @@ def main() -> None:
 
     tokens = s["batch_size"] * s["block_size"]
     print(f"config {args.config or 'S'}: {s}, {threads} threads, device {args.device}")
-    peak = gemm_peak_gflops()
-    print(f"float32 GEMM peak (2048^3 NumPy matmul): {peak:.1f} GFLOP/s")
+    n, lib = (8192, "CuPy/cuBLAS") if args.device == "cuda" else (2048, "NumPy")
+    peak = gemm_peak_gflops(n, device=args.device)
+    tf32 = " (TF32)" if args.tf32 and args.device == "cuda" else ""
+    print(f"float32{tf32} GEMM peak ({n}^3 {lib} matmul): {peak:.1f} GFLOP/s")
     runners: dict[str, Any] = {"minigpt": MinigptRunner(s, args.device)}
     if args.vs_torch:
         try:
@@ -259,11 +283,12 @@ def main() -> None:
             print("error: --vs-torch needs PyTorch (pip install torch==2.13.0)", file=sys.stderr)
             sys.exit(2)
         torch.set_num_threads(threads)
-        runners["torch"] = TorchRunner(s, args.device, runners["minigpt"].model.state_dict())
+        runners["torch"] = TorchRunner(s, args.device, runners["minigpt"].model.state_dict(), args.tf32)
     times: dict[str, list[float]] = {name: [] for name in runners}
     losses: dict[str, list[float]] = {name: [] for name in runners}
     for i, (x, y) in enumerate(data):
         for name, runner in runners.items():  # alternate, so machine noise hits both alike
+            synchronize(args.device)  # start the clock on an idle GPU (each step ends synchronised too)
             t0 = time.perf_counter()
             loss = runner.step(x, y)
             if i >= args.warmup:
