@@ -132,27 +132,43 @@ def random_uniform(rng: Any, shape: tuple[int, ...], like: Array) -> Array:
     return sample if get_array_module(sample) is xp else to_device(sample, device_of(like))
 
 
+# ----------------------------------------------------------------------------- CPU memory
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
+
+    A training step frees and reallocates the same large activation buffers every step. By default
+    glibc unmaps big blocks on free, so each step page-faults all its activations in again (a
+    quarter of a GPT step's non-GEMM time here). Like PyTorch's caching allocator, we keep them:
+    blocks up to 32 MB come from the heap, and the heap is not trimmed. Returns whether it applied
+    (glibc only; MINIGPT_KEEP_MEMORY=0 opts out).
+    """
+    import ctypes
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or os.environ.get("MINIGPT_KEEP_MEMORY", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # malloc.h
+    return bool(
+        libc.mallopt(m_mmap_threshold, 32 << 20)  # the largest glibc allows on 64-bit
+        and libc.mallopt(m_trim_threshold, 1 << 62)
+        and libc.mallopt(m_top_pad, 64 << 20)
+    )
+
+
 # ----------------------------------------------------------------------------- CPU row blocks
 
-# NumPy runs each ufunc on one core and streams whole arrays through memory. Elementwise and
-# row-wise kernels therefore run over blocks of rows small enough to stay in cache (a kernel makes
-# several passes over its block), split across a few threads: NumPy releases the GIL inside ufunc
-# loops, so the blocks really run in parallel. GEMMs are left to BLAS's own threads.
-BLOCK_ELEMENTS = 1 << 18  # per array and block: 1 MB of float32 (L2 size; smaller blocks lose to GIL hand-offs)
-_pool: Any = None
-
-
-def num_threads() -> int:
-    """Threads for CPU kernels: MINIGPT_NUM_THREADS, else the CPUs this process may run on."""
-    import os
-
-    env = os.environ.get("MINIGPT_NUM_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+# NumPy streams whole arrays through memory once per ufunc. A kernel that makes several passes
+# (GELU, layer norm, softmax) therefore runs over blocks of rows small enough that its arrays stay
+# in cache between passes, which also keeps its temporaries block-sized. (A thread pool over the
+# blocks was tried: with BLAS threads spinning between GEMMs it gained nothing in a GPT step.)
+BLOCK_ELEMENTS = 1 << 18  # per array and block: 1 MB of float32 (measured best of 64K..whole array)
 
 
 def map_row_blocks(kernel: Any, *arrays: Array) -> list[Any]:
@@ -163,22 +179,10 @@ def map_row_blocks(kernel: Any, *arrays: Array) -> list[Any]:
     """
     first = arrays[0]
     rows = first.shape[0]
-    if not isinstance(first, np.ndarray) or first.size < 2 * BLOCK_ELEMENTS or rows < 2:
+    if not isinstance(first, np.ndarray) or first.size <= BLOCK_ELEMENTS or rows < 2:
         return [kernel(*arrays)]
     step = max(1, BLOCK_ELEMENTS * rows // first.size)
-    blocks = [tuple(a[i : i + step] for a in arrays) for i in range(0, rows, step)]
-    threads = min(num_threads(), len(blocks))
-    if threads == 1:
-        return [kernel(*b) for b in blocks]
-    global _pool
-    if _pool is None or _pool._max_workers < threads - 1:
-        from concurrent.futures import ThreadPoolExecutor
+    return [kernel(*(a[i : i + step] for a in arrays)) for i in range(0, rows, step)]
 
-        _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="minigpt-cpu")
-    per_thread = -(-len(blocks) // threads)
-    groups = [blocks[i : i + per_thread] for i in range(0, len(blocks), per_thread)]
-    futures = [_pool.submit(lambda group: [kernel(*b) for b in group], group) for group in groups[1:]]
-    results = [kernel(*b) for b in groups[0]]  # this thread takes the first share
-    for future in futures:
-        results.extend(future.result())
-    return results
+
+keep_freed_memory()
