@@ -185,3 +185,20 @@ def test_attention_dropout_gradcheck():
         return F.scaled_dot_product_attention(q, k, v, dropout_p=0.25, rng=np.random.default_rng(7))
 
     assert gradcheck(f, [q, k, v])
+
+
+@pytest.mark.parametrize("tq,tk", [(7, 7), (8, 8), (5, 9)])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_causal_attention_in_query_chunks(monkeypatch, tq, tk, dropout_p):
+    from minigpt.autograd import fused
+
+    monkeypatch.setattr(fused, "CAUSAL_CHUNK", 2)  # several chunks even at these tiny sizes
+    assert len(fused._query_chunks(tq, tk, True)) > 1
+    q, k, v = rand(2, 2, tq, 3), rand(2, 2, tk, 3), rand(2, 2, tk, 3)
+
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, rng=np.random.default_rng(3))
+
+    assert gradcheck(f, [q, k, v])
+    if dropout_p == 0:
+        np.testing.assert_allclose(f(q, k, v).data, _attention_reference(q, k, v, True).data, rtol=1e-10)

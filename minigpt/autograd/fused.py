@@ -307,43 +307,71 @@ def causal_bias(xp: Any, tq: int, tk: int, dtype: Any) -> Any:
     return bias
 
 
+CAUSAL_CHUNK = 64  # query rows per chunk of causal attention (fewer than this: one chunk)
+
+
 class ScaledDotProductAttention(Function):
-    """softmax(q kᵀ/√hs + causal mask) v on (B, nh, T, hs): two batched GEMMs per side, softmax in place."""
+    """softmax(q kᵀ/√hs + causal mask) v on (B, nh, T, hs): batched GEMMs, softmax in place.
+
+    Causal attention runs over chunks of queries, each against only the keys it can see, so the
+    masked upper triangle is (mostly) never computed: with 4 chunks, 5/8 of the full work.
+    """
 
     def forward(self, q, k, v, is_causal, dropout_p, rng):
         xp = get_array_module(q)
+        self.q, self.k, self.v = q, k, v
+        tq, tk = q.shape[-2], k.shape[-2]
         if xp is not np and kernels_cuda.enabled(q.dtype):  # CUDA kernel; array twin below
-            out, self.att, self.mask, self.scale = kernels_cuda.attention_forward(q, k, v, is_causal, dropout_p, rng)
-            self.q, self.k, self.v = q, k, v
+            out, att, mask, self.scale = kernels_cuda.attention_forward(q, k, v, is_causal, dropout_p, rng)
+            self.chunks = [(0, tq, tk, att, mask)]
             return out
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        att = (q * scale) @ k.swapaxes(-1, -2)  # (B, nh, Tq, Tk)
-        tq, tk = att.shape[-2:]
-        bias = causal_bias(xp, tq, tk, att.dtype) if is_causal else None
-        map_row_blocks(lambda a: _softmax_in_place(a, bias), att.reshape(-1, tq, tk))  # blocks of whole heads
-        self.mask = None
-        if dropout_p > 0:
-            self.mask = (random_uniform(rng, att.shape, att) >= dropout_p).astype(att.dtype)
-            self.mask *= 1.0 / (1.0 - dropout_p)
-        self.q, self.k, self.v, self.att, self.scale = q, k, v, att, scale
-        return (att if self.mask is None else att * self.mask) @ v  # (B, nh, Tq, hs)
+        self.scale = scale = 1.0 / math.sqrt(q.shape[-1])
+        out = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)  # (B, nh, Tq, hs)
+        self.chunks = []
+        for start, end, keys in _query_chunks(tq, tk, is_causal):
+            att = (q[..., start:end, :] * scale) @ k[..., :keys, :].swapaxes(-1, -2)  # (B, nh, rows, keys)
+            bias = causal_bias(xp, end - start, keys, att.dtype) if is_causal else None
+            map_row_blocks(lambda a, bias=bias: _softmax_in_place(a, bias), att.reshape(-1, *att.shape[-2:]))
+            mask = None
+            if dropout_p > 0:
+                mask = (random_uniform(rng, att.shape, att) >= dropout_p).astype(att.dtype)
+                mask *= 1.0 / (1.0 - dropout_p)
+            xp.matmul(att if mask is None else att * mask, v[..., :keys, :], out=out[..., start:end, :])
+            self.chunks.append((start, end, keys, att, mask))
+        return out
 
     def backward(self, g):
-        att, mask, scale = self.att, self.mask, self.scale
+        xp = get_array_module(g)
+        q, k, v, scale = self.q, self.k, self.v, self.scale
         need = self.needs_input_grad
-        gv = (att if mask is None else att * mask).swapaxes(-1, -2) @ g if need[2] else None
-        gatt = g @ self.v.swapaxes(-1, -2)  # (B, nh, Tq, Tk)
-        if mask is not None:
-            gatt *= mask
-        tq, tk = att.shape[-2:]
-        map_row_blocks(_softmax_backward_in_place, gatt.reshape(-1, tq, tk), att.reshape(-1, tq, tk))
-        gq = gatt @ self.k if need[0] else None
-        if gq is not None:
-            gq *= scale
-        gk = gatt.swapaxes(-1, -2) @ self.q if need[1] else None
-        if gk is not None:
-            gk *= scale
+        gq = xp.empty_like(q) if need[0] else None
+        gk = xp.zeros_like(k) if need[1] else None
+        gv = xp.zeros_like(v) if need[2] else None
+        for start, end, keys, att, mask in self.chunks:
+            g_rows = g[..., start:end, :]
+            if gv is not None:
+                gv[..., :keys, :] += (att if mask is None else att * mask).swapaxes(-1, -2) @ g_rows
+            gatt = g_rows @ v[..., :keys, :].swapaxes(-1, -2)  # (B, nh, rows, keys)
+            if mask is not None:
+                gatt *= mask
+            map_row_blocks(
+                _softmax_backward_in_place, gatt.reshape(-1, *att.shape[-2:]), att.reshape(-1, *att.shape[-2:])
+            )
+            gatt *= scale
+            if gq is not None:
+                xp.matmul(gatt, k[..., :keys, :], out=gq[..., start:end, :])
+            if gk is not None:
+                gk[..., :keys, :] += gatt.swapaxes(-1, -2) @ q[..., start:end, :]
         return gq, gk, gv
+
+
+def _query_chunks(tq: int, tk: int, is_causal: bool) -> list[tuple[int, int, int]]:
+    """(first query, end query, keys seen) per chunk; queries are the last tq of tk positions."""
+    if not is_causal or tq <= CAUSAL_CHUNK:
+        return [(0, tq, tk)]
+    n = min(4, tq // CAUSAL_CHUNK)  # more chunks save less and cost more GEMM calls
+    bounds = [tq * i // n for i in range(n + 1)]
+    return [(bounds[i], bounds[i + 1], bounds[i + 1] + tk - tq) for i in range(n)]
 
 
 def _softmax_in_place(att, bias):
