@@ -323,13 +323,19 @@ class ScaledDotProductAttention(Function):
         tq, tk = q.shape[-2], k.shape[-2]
         if xp is not np and kernels_cuda.enabled(q.dtype):  # CUDA kernel; array twin below
             out, att, mask, self.scale = kernels_cuda.attention_forward(q, k, v, is_causal, dropout_p, rng)
-            self.chunks = [(0, tq, tk, att, mask)]
+            self.chunks, self.q = [(0, tq, tk, att, mask)], q * self.scale
             return out
         self.scale = scale = 1.0 / math.sqrt(q.shape[-1])
-        out = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)  # (B, nh, Tq, hs)
+        self.q = q = q * scale  # saved scaled, as the backward's d/dk needs it
+        # (B, nh, Tq, hs) as a view of a (B, Tq, nh, hs) buffer: the caller's transpose(1, 2) back
+        # to (B, T, C) then costs no copy
+        if q.ndim == 4:
+            out = xp.empty((q.shape[0], tq, q.shape[1], v.shape[-1]), dtype=q.dtype).transpose(0, 2, 1, 3)
+        else:
+            out = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
         self.chunks = []
         for start, end, keys in _query_chunks(tq, tk, is_causal):
-            att = (q[..., start:end, :] * scale) @ k[..., :keys, :].swapaxes(-1, -2)  # (B, nh, rows, keys)
+            att = q[..., start:end, :] @ k[..., :keys, :].swapaxes(-1, -2)  # (B, nh, rows, keys)
             bias = causal_bias(xp, end - start, keys, att.dtype) if is_causal else None
             map_row_blocks(lambda a, bias=bias: _softmax_in_place(a, bias), att.reshape(-1, *att.shape[-2:]))
             mask = None
@@ -357,11 +363,12 @@ class ScaledDotProductAttention(Function):
             map_row_blocks(
                 _softmax_backward_in_place, gatt.reshape(-1, *att.shape[-2:]), att.reshape(-1, *att.shape[-2:])
             )
-            gatt *= scale
             if gq is not None:
                 xp.matmul(gatt, k[..., :keys, :], out=gq[..., start:end, :])
             if gk is not None:
-                gk[..., :keys, :] += gatt.swapaxes(-1, -2) @ q[..., start:end, :]
+                gk[..., :keys, :] += gatt.swapaxes(-1, -2) @ q[..., start:end, :]  # q is scaled already
+        if gq is not None:
+            gq *= scale
         return gq, gk, gv
 
 
