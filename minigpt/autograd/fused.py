@@ -336,7 +336,8 @@ class ScaledDotProductAttention(Function):
         self.chunks = []
         for start, end, keys in _query_chunks(tq, tk, is_causal):
             att = q[..., start:end, :] @ k[..., :keys, :].swapaxes(-1, -2)  # (B, nh, rows, keys)
-            bias = causal_bias(xp, end - start, keys, att.dtype) if is_causal else None
+            # only the last min(rows, keys) columns hold masked entries: add the mask there alone
+            bias = causal_bias(xp, end - start, min(end - start, keys), att.dtype) if is_causal else None
             map_row_blocks(lambda a, bias=bias: _softmax_in_place(a, bias), att.reshape(-1, *att.shape[-2:]))
             mask = None
             if dropout_p > 0:
@@ -382,13 +383,13 @@ def _query_chunks(tq: int, tk: int, is_causal: bool) -> list[tuple[int, int, int
 
 
 def _softmax_in_place(att, bias):
-    """Softmax over the last dim of a block, in place, after adding the (tq, tk) mask if any."""
+    """Softmax over the last dim of a block, in place, after adding a mask to its last columns."""
     xp = get_array_module(att)
     if bias is not None:
-        att += bias
+        att[..., att.shape[-1] - bias.shape[-1] :] += bias
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
+    att *= 1.0 / att.sum(axis=-1, keepdims=True)  # one reciprocal per row, then multiplies
 
 
 def _softmax_backward_in_place(g, out):
