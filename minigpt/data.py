@@ -283,9 +283,7 @@ class BatchSampler:
     it through a checkpoint so a resumed run draws exactly the batches it would have drawn.
     """
 
-    def __init__(
-        self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int = 0, *, name: str = "data"
-    ):
+    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int = 0, *, name: str = "data"):
         if batch_size < 1 or block_size < 1:
             raise UserError(f"batch size and block size must be >= 1, got {batch_size} and {block_size}")
         n = len(tokens)

@@ -164,7 +164,7 @@ def test_bad_settings(tmp_path, text_file, capsys, flags, words):
 
 def test_bad_config_file(tmp_path, text_file, capsys):
     toml = tmp_path / "run.toml"
-    toml.write_text('max_iters = 3\nn-layer = 1\nbogus = 1\n')
+    toml.write_text("max_iters = 3\nn-layer = 1\nbogus = 1\n")
     assert "bogus" in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, text_file, "--config", str(toml)))
     toml.write_text("max_iters = [")
     assert "TOML" in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, text_file, "--config", str(toml)))
@@ -172,7 +172,7 @@ def test_bad_config_file(tmp_path, text_file, capsys):
 
 def test_config_file_sets_defaults_and_flags_win(tmp_path, text_file, capsys):
     toml = tmp_path / "run.toml"
-    toml.write_text('n-layer = 1\nn_embd = 24\nn_head = 4\nlearning_rate = 1\n')
+    toml.write_text("n-layer = 1\nn_embd = 24\nn_head = 4\nlearning_rate = 1\n")
     train_script.main(
         ["--config", str(toml), "--data", str(text_file), "--out-dir", str(tmp_path / "out"), "--max-iters", "2",
          "--eval-iters", "1", "--block-size", "8", "--quiet", "--n-embd", "16", "--learning-rate", "0.01"]
