@@ -307,14 +307,14 @@ def causal_bias(xp: Any, tq: int, tk: int, dtype: Any) -> Any:
     return bias
 
 
-CAUSAL_CHUNK = 64  # query rows per chunk of causal attention (fewer than this: one chunk)
+CAUSAL_CHUNK = 128  # query rows per chunk of causal attention (measured: 2 chunks at T=256 beat 4)
 
 
 class ScaledDotProductAttention(Function):
     """softmax(q kᵀ/√hs + causal mask) v on (B, nh, T, hs): batched GEMMs, softmax in place.
 
     Causal attention runs over chunks of queries, each against only the keys it can see, so the
-    masked upper triangle is (mostly) never computed: with 4 chunks, 5/8 of the full work.
+    masked upper triangle is (mostly) never computed: n chunks do (n + 1) / 2n of the full work.
     """
 
     def forward(self, q, k, v, is_causal, dropout_p, rng):
