@@ -194,7 +194,7 @@ class Tensor:
                 if pg.shape != parent.data.shape:
                     pg = unbroadcast(pg, parent.data.shape)
                 grads[key] = pg if prev is None else prev + pg
-            input_grads = pg = prev = None  # hold no stray references (see the ownership test above)
+            input_grads = pg = prev = buffer = None  # no stray references (see the ownership test above)
             if not retain_graph:
                 ctx.release()
 
