@@ -1,0 +1,85 @@
+"""Where a GPT training step spends its time: forward and backward milliseconds per op class.
+
+    python scripts/profile_train.py --config M
+    python scripts/profile_train.py --config S --steps 10
+
+Wraps every Function's forward and backward with a timer (a few µs of overhead per op), runs a
+few steps of bench_train.py's model, and prints per-step totals, largest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train import CONFIGS, MinigptRunner, batches  # noqa: E402
+
+from minigpt.autograd import function  # noqa: E402
+from minigpt.optim import clip_grad_norm_  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="M")
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+
+    forward_s: dict[str, float] = collections.defaultdict(float)
+    backward_s: dict[str, float] = collections.defaultdict(float)
+    apply = function.Function.apply.__func__
+
+    def timed_apply(cls, *inputs, **kwargs):
+        t0 = time.perf_counter()
+        out = apply(cls, *inputs, **kwargs)
+        forward_s[cls.__name__] += time.perf_counter() - t0
+        ctx = out._ctx
+        if ctx is not None:
+            backward = ctx.backward
+
+            def timed_backward(g, backward=backward, name=cls.__name__):
+                t0 = time.perf_counter()
+                grads = backward(g)
+                backward_s[name] += time.perf_counter() - t0
+                return grads
+
+            ctx.backward = timed_backward
+        return out
+
+    function.Function.apply = classmethod(timed_apply)
+    s = CONFIGS[args.config]
+    runner = MinigptRunner(s, "cpu")
+    data = batches(s, args.steps + 1)
+    runner.step(*data[0])  # warm-up, not counted
+    forward_s.clear()
+    backward_s.clear()
+    phases = collections.defaultdict(float)
+    for x, y in data[1:]:
+        t0 = time.perf_counter()
+        _, loss = runner.model(x, y)
+        runner.opt.zero_grad()
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        clip_grad_norm_(runner.params, 1.0)
+        t3 = time.perf_counter()
+        runner.opt.step()
+        t4 = time.perf_counter()
+        phases["forward"] += t1 - t0
+        phases["backward"] += t2 - t1
+        phases["clip"] += t3 - t2
+        phases["adamw"] += t4 - t3
+    n = args.steps
+    ms = {k: v / n * 1e3 for k, v in phases.items()}
+    print(f"config {args.config}: step {sum(ms.values()):.1f} ms = " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()))
+    for name in sorted(set(forward_s) | set(backward_s), key=lambda k: -(forward_s[k] + backward_s[k])):
+        fwd, bwd = forward_s[name] / n * 1e3, backward_s[name] / n * 1e3
+        print(f"  {name:<28} forward {fwd:8.1f} ms   backward {bwd:8.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
