@@ -202,11 +202,12 @@ def train_lm(cfg: RunConfig, explicit: set[str] | None = None, log: Callable[[st
     data_dir = out_dir / "data"
     data_meta = prepare(text, tokenizer, data_dir)
     train_ids, val_ids = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
-    if len(train_ids) < cfg.block_size + 1:
-        raise UserError(
-            f"the training text is {len(train_ids)} tokens, shorter than block_size + 1 = {cfg.block_size + 1}; "
-            "use a smaller --block-size or more text"
-        )
+    for split, ids in (("training text", train_ids), ("validation text (the last 10%)", val_ids)):
+        if len(ids) < cfg.block_size + 1:  # checked now, not at the first evaluation
+            raise UserError(
+                f"the {split} is {len(ids)} tokens, shorter than block_size + 1 = {cfg.block_size + 1}; "
+                "use a smaller --block-size or more text"
+            )
     if resumed is not None:
         _check_resumable(resumed["meta"], cfg, explicit, tokenizer, last_path)
 

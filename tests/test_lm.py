@@ -144,6 +144,9 @@ def test_bad_data_files(tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("abc" * 5)
     assert "block" in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, short))
+    short_val = tmp_path / "short_val.txt"
+    short_val.write_text("abcdefgh" * 20)  # 144 train characters, but only 16 for validation
+    assert "validation" in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, short_val))
 
 
 @pytest.mark.parametrize(
