@@ -106,12 +106,6 @@ def index_add_rows(n_rows: int, ids: Array, values: Array) -> Array:
     return out
 
 
-def check_index_bounds(index: Array, size: int, what: str) -> None:
-    """CuPy wraps out-of-range indices silently; NumPy raises. Make both raise the same clear error."""
-    if index.size and (int(index.max()) >= size or int(index.min()) < -size):
-        raise IndexError(f"{what}: index out of range for size {size}")
-
-
 def scatter_add(out: Array, index: Any, values: Array) -> None:
     """out[index] += values, summing over repeated indices (NumPy's add.at; CuPy's cupyx.scatter_add)."""
     if isinstance(out, np.ndarray):

@@ -14,7 +14,7 @@ import numpy as np
 from minigpt.autograd import kernels_cuda
 from minigpt.autograd.backend import get_array_module, index_add_rows, map_row_blocks, random_uniform
 from minigpt.autograd.function import Function
-from minigpt.autograd.tensor import Tensor
+from minigpt.autograd.tensor import Tensor, _raw
 
 
 class Linear(Function):
@@ -399,10 +399,6 @@ def _softmax_backward_in_place(g, out):
 
 
 # ----------------------------------------------------------------------------- public wrappers
-
-
-def _raw(x: Any) -> Any:
-    return x.data if isinstance(x, Tensor) else x
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -428,10 +428,14 @@ def sum(a: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False
     return Sum.apply(a, axes=_axes(dim, a.ndim), keepdim=keepdim)
 
 
+def _count(a: Tensor, axes: tuple[int, ...]) -> int:
+    """How many elements a reduction over `axes` combines."""
+    return int(np.prod([a.shape[d] for d in axes])) if axes else 1
+
+
 def mean(a: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> Tensor:
     axes = _axes(dim, a.ndim)
-    count = int(np.prod([a.shape[d] for d in axes])) if axes else 1
-    return Sum.apply(a, axes=axes, keepdim=keepdim) * (1.0 / builtins.max(count, 1))
+    return Sum.apply(a, axes=axes, keepdim=keepdim) * (1.0 / builtins.max(_count(a, axes), 1))
 
 
 def max(a: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> Tensor:  # noqa: A001
@@ -450,9 +454,8 @@ def var(
     if unbiased is not None:
         correction = 1 if unbiased else 0
     axes = _axes(dim, a.ndim)
-    count = int(np.prod([a.shape[d] for d in axes])) if axes else 1
     centered = a - mean(a, dim=axes, keepdim=True)
-    return sum(centered * centered, dim=axes, keepdim=keepdim) * (1.0 / builtins.max(count - correction, 1))
+    return sum(centered * centered, dim=axes, keepdim=keepdim) * (1.0 / builtins.max(_count(a, axes) - correction, 1))
 
 
 def reshape(a: Tensor, *shape: Any) -> Tensor:
