@@ -206,6 +206,7 @@ def train(
     t0 = time.perf_counter()
     window_start, window_steps = t0, 0
     running: Any = 0.0  # summed step losses since the last log, left on the device until read
+    device_grad_norm: Any = None  # the last step's gradient norm on the GPU, read at the next log
     interrupted = False
 
     def diverged(what: str, value: float, when: str) -> TrainingDiverged:
@@ -252,9 +253,13 @@ def train(
                     if bad is not None:  # stopped before a bad update: the weights are still good
                         raise diverged("loss", bad, f"at step {state.step + 1}")
                     if grad_clip is not None:
-                        state.grad_norm = clip_grad_norm_(params, grad_clip)
-                        if not math.isfinite(state.grad_norm):
-                            raise diverged("gradient norm", state.grad_norm, f"at step {state.step + 1}")
+                        grad_norm = clip_grad_norm_(params, grad_clip)
+                        if isinstance(grad_norm, float):  # CPU: checked before the update
+                            state.grad_norm = grad_norm
+                            if not math.isfinite(grad_norm):
+                                raise diverged("gradient norm", grad_norm, f"at step {state.step + 1}")
+                        else:  # GPU: a device scalar, read with the loss at the next log
+                            device_grad_norm = grad_norm
                     optimizer.step()
                     state.step += 1
                     running = running + step_loss
@@ -263,8 +268,12 @@ def train(
 
                     if state.step % max(log_interval, 1) == 0 or state.step == max_steps:
                         value = float(running) / window_steps  # the one host read per window
-                        if not math.isfinite(value):  # on the GPU: somewhere in this window
-                            raise diverged("loss", value, f"in steps {state.step - window_steps + 1}-{state.step}")
+                        if device_grad_norm is not None:
+                            state.grad_norm, device_grad_norm = float(device_grad_norm), None
+                        for what, bad in (("loss", value), ("gradient norm", state.grad_norm)):
+                            if bad is not None and not math.isfinite(bad):  # on the GPU: somewhere in this window
+                                steps = f"in steps {state.step - window_steps + 1}-{state.step}"
+                                raise diverged(what, bad, steps)
                         now = time.perf_counter()
                         state.loss, state.elapsed = value, now - t0
                         report.train_log(state, window_steps / max(now - window_start, 1e-9), tokens_per_step)

@@ -1,7 +1,8 @@
 """Benchmark GPT training steps (forward, backward, grad clip, AdamW) on random tokens.
 
 Prints median step time, tokens/s, achieved GFLOP/s and MFU against this machine's float32 GEMM
-peak (measured here with large NumPy matmuls), and peak RSS.
+peak (measured here with large NumPy matmuls), and peak RSS; on the GPU also the memory each
+engine's caching allocator holds at its peak (CuPy's pool, PyTorch's max_memory_reserved).
 
     python scripts/bench_train.py --config S                 # nanoGPT's CPU Shakespeare model
     python scripts/bench_train.py --config M --vs-torch      # side by side with PyTorch eager
@@ -205,13 +206,22 @@ def batches(s: dict[str, int], n: int, seed: int = 0) -> list[tuple[np.ndarray, 
     return [(rng.integers(0, s["vocab_size"], shape), rng.integers(0, s["vocab_size"], shape)) for _ in range(n)]
 
 
-def child_rss(args: argparse.Namespace, engine: str) -> float:
-    """Peak RSS (MB) of a fresh process that runs the benchmark steps of one engine only."""
+def peak_gpu_mb(engine: str) -> float:
+    """GPU memory the engine's caching allocator holds (its peak: neither pool gives memory back)."""
+    if engine == "torch":
+        import torch
+
+        return torch.cuda.max_memory_reserved() / 2**20
+    return cupy_module().get_default_memory_pool().total_bytes() / 2**20
+
+
+def child_memory(args: argparse.Namespace, engine: str) -> dict[str, float]:
+    """Peak RSS (MB), and on the GPU the allocator's peak (MB), of a fresh process running one engine only."""
     cmd = [sys.executable, __file__, "--rss-child", engine, "--steps", str(args.steps), "--device", args.device]
     cmd += ["--" + k.replace("_", "-") + "=" + str(v) for k, v in settings(args).items()]
     cmd += ["--tf32"] if args.tf32 else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return float(json.loads(out.strip().splitlines()[-1])["peak_rss_mb"])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def settings(args: argparse.Namespace) -> dict[str, int]:
@@ -266,7 +276,8 @@ def main() -> None:
             runner = TorchRunner(s, args.device, weights, args.tf32)
         for x, y in data:
             runner.step(x, y)
-        print(json.dumps({"peak_rss_mb": peak_rss_mb()}))
+        gpu = {"gpu_mb": peak_gpu_mb(args.rss_child)} if args.device == "cuda" else {}
+        print(json.dumps({"peak_rss_mb": peak_rss_mb(), **gpu}))
         return
 
     tokens = s["batch_size"] * s["block_size"]
@@ -300,10 +311,12 @@ def main() -> None:
         step = float(np.median(times[name]))
         rates[name] = tokens / step
         gflops = flops / step / 1e9
-        rss = child_rss(args, name)
+        memory = child_memory(args, name)
+        gpu = f" | GPU {memory['gpu_mb']:6.0f} MB" if "gpu_mb" in memory else ""
         print(
-            f"{name:<8} step {step * 1e3:8.1f} ms | {tokens / step:10,.0f} tokens/s | {gflops:6.1f} GFLOP/s | "
-            f"MFU {gflops / peak:5.1%} | peak RSS {rss:7.0f} MB | loss {losses[name][0]:.4f} -> {losses[name][-1]:.4f}"
+            f"{name:<8} step {step * 1e3:8.1f} ms | {tokens / step:10,.0f} tokens/s | {gflops:8.1f} GFLOP/s | "
+            f"MFU {gflops / peak:5.1%} | peak RSS {memory['peak_rss_mb']:7.0f} MB{gpu} | "
+            f"loss {losses[name][0]:.4f} -> {losses[name][-1]:.4f}"
         )
     if args.vs_torch:
         print(f"throughput ratio minigpt/PyTorch: {rates['minigpt'] / rates['torch']:.2f}x")

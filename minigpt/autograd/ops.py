@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from minigpt.autograd.backend import get_array_module, scatter_add
+from minigpt.autograd.backend import get_array_module, scatter_add, to_device
 from minigpt.autograd.function import Function
 from minigpt.autograd.tensor import Tensor, as_tensor_like
 
@@ -531,14 +531,18 @@ def where(cond: Any, a: Any, b: Any) -> Tensor:
     like = a if isinstance(a, Tensor) else b
     if not isinstance(like, Tensor):
         raise TypeError("where: a or b must be a Tensor")
-    cond = cond.data if isinstance(cond, Tensor) else cond
-    return Where.apply(as_tensor_like(a, like), as_tensor_like(b, like), cond=cond)
+    return Where.apply(as_tensor_like(a, like), as_tensor_like(b, like), cond=_condition_like(cond, like))
 
 
 def masked_fill(a: Tensor, mask: Any, value: float) -> Tensor:
     """a with `value` where mask is True (mask broadcasts against a)."""
-    mask = mask.data if isinstance(mask, Tensor) else mask
-    return Where.apply(as_tensor_like(value, a), a, cond=mask)
+    return Where.apply(as_tensor_like(value, a), a, cond=_condition_like(mask, a))
+
+
+def _condition_like(cond: Any, like: Tensor) -> Any:
+    """A boolean condition (Tensor, array or nested list) as an array on `like`'s device."""
+    cond = cond.data if isinstance(cond, Tensor) else cond
+    return to_device(cond, like.device)  # lists too: np.asarray or cupy.asarray
 
 
 def cast(a: Tensor, dtype: Any) -> Tensor:
