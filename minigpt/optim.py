@@ -51,6 +51,7 @@ class Optimizer:
         self.param_groups: list[dict[str, Any]] = []
         self.state: dict[str, dict[str, Any]] = {}
         self._scratch: dict[tuple[str, str], Any] = {}
+        self._flat: dict[int, dict[str, Any]] = {}  # AdamW on the GPU: flat buffers per param group
         taken: set[str] = set()
         seen: set[int] = set()
         for group in groups:
@@ -235,6 +236,48 @@ class AdamW(Optimizer):
         xp = backend.get_array_module(p.data)
         return {"step": 0, "exp_avg": xp.zeros_like(p.data), "exp_avg_sq": xp.zeros_like(p.data)}
 
+    def step(self) -> None:
+        """Update every parameter that has a gradient, in place (on the GPU: one kernel per group)."""
+        for group in self.param_groups:
+            if not self._step_flat(group):
+                for name, p in zip(group["names"], group["params"]):
+                    if p.grad is not None:
+                        self._update(p, p.grad, self._state_for(name, p), self._scratch_for(p), group)
+
+    def _step_flat(self, group: dict[str, Any]) -> bool:
+        """On the GPU, one AdamW kernel over the whole group as one flat parameter buffer.
+
+        The group's parameters and their exp_avg / exp_avg_sq become views into three flat device
+        buffers, built on first use and rebuilt whenever something replaced one of those arrays
+        (model.to(), load_state_dict()). The gradients are gathered into one flat array per step.
+        Returns False where the per-parameter path runs instead: on the CPU (where one big update
+        gains nothing: NumPy streams each array once either way), with the kernels off, with mixed
+        devices or dtypes, a missing gradient, or step counts that differ within the group.
+        """
+        params = group["params"]
+        first = params[0].data
+        xp = backend.get_array_module(first)
+        if xp is np or not kernels_cuda.enabled(first.dtype):
+            return False
+        if any(p.grad is None or type(p.data) is not type(first) or p.dtype != first.dtype for p in params):
+            return False
+        states = [self._state_for(name, p) for name, p in zip(group["names"], params)]
+        if len({s["step"] for s in states}) != 1:
+            return False
+        key = id(group)
+        flat = self._flat.get(key)
+        if flat is None or not _views_intact(flat, params, states):
+            flat = self._flat[key] = _flatten_group(xp, params, states)
+        grads = xp.concatenate([p.grad.astype(first.dtype, copy=False).ravel() for p in params])
+        step = states[0]["step"] + 1
+        for s in states:
+            s["step"] = step
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        kernels_cuda.adamw_step(
+            flat["param"], grads, flat["exp_avg"], flat["exp_avg_sq"], lr, beta1, beta2, eps, wd, step
+        )
+        return True
+
     def _update(self, p: Tensor, grad: Any, state: dict[str, Any], scratch: Any, group: dict[str, Any]) -> None:
         xp = backend.get_array_module(p.data)
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
@@ -259,6 +302,35 @@ class AdamW(Optimizer):
         xp.divide(m, scratch, out=scratch)
         scratch *= lr / (1.0 - beta1**t)
         p.data -= scratch
+
+
+_FLAT_KINDS = ("param", "exp_avg", "exp_avg_sq")
+
+
+def _flatten_group(xp: Any, params: list[Tensor], states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Copy the group's parameters and moments into flat buffers and make the originals views of them."""
+    flat: dict[str, Any] = {}
+    for kind in _FLAT_KINDS:
+        arrays = [p.data if kind == "param" else s[kind] for p, s in zip(params, states)]
+        flat[kind] = buf = xp.concatenate([a.ravel() for a in arrays])
+        views, offset = [], 0
+        for a in arrays:
+            views.append(buf[offset : offset + a.size].reshape(a.shape))
+            offset += a.size
+        flat[kind + "_views"] = views
+    for p, s, pv, mv, vv in zip(params, states, flat["param_views"], flat["exp_avg_views"], flat["exp_avg_sq_views"]):
+        p.data, s["exp_avg"], s["exp_avg_sq"] = pv, mv, vv
+    return flat
+
+
+def _views_intact(flat: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]]) -> bool:
+    """Whether every parameter and moment is still the view into the flat buffers it was made."""
+    return (
+        len(params) == len(flat["param_views"])
+        and all(p.data is v for p, v in zip(params, flat["param_views"]))
+        and all(s["exp_avg"] is m and s["exp_avg_sq"] is v
+                for s, m, v in zip(states, flat["exp_avg_views"], flat["exp_avg_sq_views"]))
+    )  # fmt: skip
 
 
 def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Any:

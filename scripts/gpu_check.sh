@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU work needs from a lent NVIDIA machine, in as few calls as possible.
 #
-#   scripts/gpu_check.sh env tests bench kernels train     # any subset of the stages, in this order
+#   scripts/gpu_check.sh env tests kernels profile train bench    # any subset of the stages, in any order
 #
 # Logs go to $OUT (the device tool's return folder) or ./gpu_logs. The machine has no network and
 # no ../shared: when ../shared/data is absent, a copy carried in .devdata/ is put there first.
@@ -50,11 +50,15 @@ for s in "$@"; do
         for config in M GPT2; do stage kernels 120 $PY scripts/bench_kernels.py --config $config; done
         grep -vE "^\[" "$OUT/kernels.log"
         ;;
+    profile)  # where the host time of a config-M training step goes (cProfile, minigpt alone)
+        stage profile 120 $PY -m cProfile -s tottime scripts/bench_train.py --config M --device cuda --steps 30
+        grep -A 30 "Ordered by" "$OUT/profile.log"
+        ;;
     train)  # the default Shakespeare run on the GPU (compare its val loss with the CPU run's)
         stage train "${TRAIN_LIMIT:-300}" $PY scripts/train_gpt.py --device cuda --out-dir /tmp/gpu_run \
             --data ../shared/data/tinyshakespeare.txt ${TRAIN_ARGS:-}
         grep -E "val loss|tokens/s|^\[train\]" "$OUT/train.log" | tail -6
         ;;
-    *) echo "unknown stage $s (env tests bench kernels train)" >&2; exit 2 ;;
+    *) echo "unknown stage $s (env tests kernels profile train bench)" >&2; exit 2 ;;
     esac
 done

@@ -23,7 +23,7 @@ KERNEL_FUNCTIONS = [
     "cross_entropy_forward",
     "cross_entropy_backward",
     "masked_softmax_",
-    "attention_forward",
+    "softmax_backward_",
     "embedding_backward",
     "adamw_step",
 ]

@@ -319,12 +319,9 @@ class ScaledDotProductAttention(Function):
 
     def forward(self, q, k, v, is_causal, dropout_p, rng):
         xp = get_array_module(q)
-        self.q, self.k, self.v = q, k, v
+        on_gpu = xp is not np and kernels_cuda.enabled(q.dtype)  # softmaxes as CUDA kernels; array twins below
+        self.k, self.v = k, v
         tq, tk = q.shape[-2], k.shape[-2]
-        if xp is not np and kernels_cuda.enabled(q.dtype):  # CUDA kernel; array twin below
-            out, att, mask, self.scale = kernels_cuda.attention_forward(q, k, v, is_causal, dropout_p, rng)
-            self.chunks, self.q = [(0, tq, tk, att, mask)], q * self.scale
-            return out
         self.scale = scale = 1.0 / math.sqrt(q.shape[-1])
         self.q = q = q * scale  # saved scaled, as the backward's d/dk needs it
         # (B, nh, Tq, hs) as a view of a (B, Tq, nh, hs) buffer: the caller's transpose(1, 2) back
@@ -336,9 +333,11 @@ class ScaledDotProductAttention(Function):
         self.chunks = []
         for start, end, keys in _query_chunks(tq, tk, is_causal):
             att = q[..., start:end, :] @ k[..., :keys, :].swapaxes(-1, -2)  # (B, nh, rows, keys)
-            # only the last min(rows, keys) columns hold masked entries: add the mask there alone
-            bias = causal_bias(xp, end - start, min(end - start, keys), att.dtype) if is_causal else None
-            map_row_blocks(lambda a, bias=bias: _softmax_in_place(a, bias), att.reshape(-1, *att.shape[-2:]))
+            if on_gpu:  # the chunk's queries are the last rows of its keys: the kernel's alignment
+                att = kernels_cuda.masked_softmax_(xp.ascontiguousarray(att), is_causal)
+            else:  # only the last min(rows, keys) columns hold masked entries: add the mask there alone
+                bias = causal_bias(xp, end - start, min(end - start, keys), att.dtype) if is_causal else None
+                map_row_blocks(lambda a, bias=bias: _softmax_in_place(a, bias), att.reshape(-1, *att.shape[-2:]))
             mask = None
             if dropout_p > 0:
                 mask = (random_uniform(rng, att.shape, att) >= dropout_p).astype(att.dtype)
@@ -349,6 +348,7 @@ class ScaledDotProductAttention(Function):
 
     def backward(self, g):
         xp = get_array_module(g)
+        on_gpu = xp is not np and kernels_cuda.enabled(g.dtype)
         q, k, v, scale = self.q, self.k, self.v, self.scale
         need = self.needs_input_grad
         gq = xp.empty_like(q) if need[0] else None
@@ -361,9 +361,12 @@ class ScaledDotProductAttention(Function):
             gatt = g_rows @ v[..., :keys, :].swapaxes(-1, -2)  # (B, nh, rows, keys)
             if mask is not None:
                 gatt *= mask
-            map_row_blocks(
-                _softmax_backward_in_place, gatt.reshape(-1, *att.shape[-2:]), att.reshape(-1, *att.shape[-2:])
-            )
+            if on_gpu:
+                kernels_cuda.softmax_backward_(gatt, att)
+            else:
+                map_row_blocks(
+                    _softmax_backward_in_place, gatt.reshape(-1, *att.shape[-2:]), att.reshape(-1, *att.shape[-2:])
+                )
             if gq is not None:
                 xp.matmul(gatt, k[..., :keys, :], out=gq[..., start:end, :])
             if gk is not None:

@@ -270,6 +270,17 @@ extern "C" __global__ void minigpt_masked_softmax(
     for (int j = threadIdx.x; j < tk; j += blockDim.x) a[j] = j < nvis ? R_EXP(a[j] - m) / s : (real)0;
 }
 """,
+    # softmax's backward per row, in place on g: g := y (g - Σ g y), y the softmax output
+    "softmax_bwd": r"""
+extern "C" __global__ void minigpt_softmax_bwd(real* __restrict__ g, const real* __restrict__ y, const int ncol) {
+    __shared__ real sh[256];
+    const long long base = (long long)blockIdx.x * ncol;
+    real s = 0;
+    for (int j = threadIdx.x; j < ncol; j += blockDim.x) s += g[base + j] * y[base + j];
+    s = block_sum(s, sh);
+    for (int j = threadIdx.x; j < ncol; j += blockDim.x) g[base + j] = y[base + j] * (g[base + j] - s);
+}
+""",
 }
 
 
@@ -398,17 +409,15 @@ def masked_softmax_(att: Any, is_causal: bool) -> Any:
     return att
 
 
-def attention_forward(q: Any, k: Any, v: Any, is_causal: bool, dropout_p: float, rng: Any) -> tuple[Any, ...]:
-    """fused.ScaledDotProductAttention.forward with the softmax as one kernel: (out, att, mask, scale)."""
-    cp = _cp()
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    att = cp.ascontiguousarray((q * scale) @ k.swapaxes(-1, -2))  # (B, nh, Tq, Tk), cuBLAS
-    masked_softmax_(att, is_causal)
-    mask = None
-    if dropout_p > 0:
-        mask = (backend.random_uniform(rng, att.shape, att) >= dropout_p).astype(att.dtype)
-        mask *= 1.0 / (1.0 - dropout_p)
-    return (att if mask is None else att * mask) @ v, att, mask, scale  # out: (B, nh, Tq, hs)
+def softmax_backward_(g: Any, out: Any) -> Any:
+    """g := out * (g - Σ g·out) over the last dim, in g's C-contiguous buffer: softmax's backward."""
+    _cp()
+    if not (g.flags.c_contiguous and out.flags.c_contiguous) or g.shape != out.shape:
+        raise ValueError("softmax_backward_: g and out must be C-contiguous and of one shape (it works in place)")
+    if g.size:
+        n = g.shape[-1]
+        _launch_rows("softmax_bwd", g.dtype, g.size // n, n, (g, out.astype(g.dtype, copy=False), np.int32(n)))
+    return g
 
 
 def embedding_backward(g: Any, ids: Any, n_rows: int) -> Any:
