@@ -107,10 +107,11 @@ def index_add_rows(n_rows: int, ids: Array, values: Array) -> Array:
 
 
 def scatter_add(out: Array, index: Any, values: Array) -> None:
-    """out[index] += values, summing over repeated indices (NumPy's add.at; CuPy's cupyx.scatter_add)."""
-    if isinstance(out, np.ndarray):
-        np.add.at(out, index, values)
-    else:
+    """out[index] += values, summing over repeated indices (`add.at` in NumPy and CuPy >= 13)."""
+    xp = get_array_module(out)
+    if hasattr(xp.add, "at"):
+        xp.add.at(out, index, values)
+    else:  # older CuPy
         import cupyx
 
         cupyx.scatter_add(out, index, values)
