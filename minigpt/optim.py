@@ -355,8 +355,9 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Any:
     flat = xp.concatenate([g.ravel() for g in grads]) if len(grads) > 1 else grads[0].ravel()
     norm = xp.sqrt(xp.vdot(flat, flat).astype(np.float64))
     scale = xp.where(xp.isfinite(norm), xp.minimum(max_norm / (norm + 1e-6), 1.0), 1.0)
+    scales = {dtype: scale.astype(dtype) for dtype in {g.dtype for g in grads}}
     for g in grads:
-        g *= scale.astype(g.dtype)
+        g *= scales[g.dtype]
     return norm
 
 

@@ -35,7 +35,6 @@ for s in "$@"; do
         stage tests "${TESTS_LIMIT:-300}" $PY -m pytest -q -rfEs -p no:cacheprovider --timeout=120 ${PYTEST_ARGS:-}
         MINIGPT_NO_CUDA_KERNELS=1 stage tests "${TESTS_LIMIT:-300}" \
             $PY -m pytest -q -rfE -p no:cacheprovider --timeout=120 -m gpu tests/gpu tests/test_cuda_ops.py
-        grep -E "passed|failed|error" "$OUT/tests.log" | tail -4
         ;;
     bench)  # bench_train.py side by side with PyTorch eager on the GPU
         for config in ${BENCH_CONFIGS:-M GPT2}; do

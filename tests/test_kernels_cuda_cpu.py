@@ -15,18 +15,7 @@ from minigpt.autograd import kernels_cuda
 from minigpt.gpt import GPT, GPTConfig
 from minigpt.optim import AdamW
 
-KERNEL_FUNCTIONS = [
-    "gelu_forward",
-    "gelu_backward",
-    "layer_norm_forward",
-    "layer_norm_backward",
-    "cross_entropy_forward",
-    "cross_entropy_backward",
-    "masked_softmax_",
-    "softmax_backward_",
-    "embedding_backward",
-    "adamw_step",
-]
+KERNEL_FUNCTIONS = kernels_cuda.KERNEL_FUNCTIONS
 
 
 def test_import_without_cupy_then_a_kernel_call_names_what_is_missing():

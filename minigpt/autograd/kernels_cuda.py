@@ -28,6 +28,19 @@ import numpy as np
 from minigpt.autograd import backend
 
 DISABLE_ENV = "MINIGPT_NO_CUDA_KERNELS"
+# The drop-ins that fused.py and optim.py dispatch to (the tests spy on exactly these).
+KERNEL_FUNCTIONS = (
+    "gelu_forward",
+    "gelu_backward",
+    "layer_norm_forward",
+    "layer_norm_backward",
+    "cross_entropy_forward",
+    "cross_entropy_backward",
+    "masked_softmax_",
+    "softmax_backward_",
+    "embedding_backward",
+    "adamw_step",
+)
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _MAX_BLOCK = 256  # threads per row block; the shared buffers below are this long
 

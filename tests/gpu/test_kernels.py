@@ -23,18 +23,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="
 
 DTYPES = [np.float32, np.float64]
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
-KERNEL_FUNCTIONS = [
-    "gelu_forward",
-    "gelu_backward",
-    "layer_norm_forward",
-    "layer_norm_backward",
-    "cross_entropy_forward",
-    "cross_entropy_backward",
-    "masked_softmax_",
-    "softmax_backward_",
-    "embedding_backward",
-    "adamw_step",
-]
+KERNEL_FUNCTIONS = kernels_cuda.KERNEL_FUNCTIONS
 
 
 @pytest.fixture(autouse=True)
