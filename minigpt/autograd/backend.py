@@ -157,27 +157,4 @@ def keep_freed_memory() -> bool:
     )
 
 
-# ----------------------------------------------------------------------------- CPU row blocks
-
-# NumPy streams whole arrays through memory once per ufunc. A kernel that makes several passes
-# (GELU, layer norm, softmax) therefore runs over blocks of rows small enough that its arrays stay
-# in cache between passes, which also keeps its temporaries block-sized. (A thread pool over the
-# blocks was tried: with BLAS threads spinning between GEMMs it gained nothing in a GPT step.)
-BLOCK_ELEMENTS = 1 << 18  # per array and block: 1 MB of float32 (measured best of 64K..whole array)
-
-
-def map_row_blocks(kernel: Any, *arrays: Array) -> list[Any]:
-    """[kernel(*blocks) for consecutive row blocks of `arrays`], which share their first dim.
-
-    Blocks are views, so a kernel writes its outputs in place. CuPy arrays (and small NumPy ones)
-    go through in one call. Results come back in block order.
-    """
-    first = arrays[0]
-    rows = first.shape[0]
-    if not isinstance(first, np.ndarray) or first.size <= BLOCK_ELEMENTS or rows < 2:
-        return [kernel(*arrays)]
-    step = max(1, BLOCK_ELEMENTS * rows // first.size)
-    return [kernel(*(a[i : i + step] for a in arrays)) for i in range(0, rows, step)]
-
-
 keep_freed_memory()

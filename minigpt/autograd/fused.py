@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from minigpt.autograd import kernels_cuda
-from minigpt.autograd.backend import get_array_module, index_add_rows, map_row_blocks, random_uniform
+from minigpt.autograd.backend import get_array_module, index_add_rows, random_uniform
 from minigpt.autograd.function import Function
+from minigpt.autograd.parallel import map_row_blocks, matmul
 from minigpt.autograd.tensor import Tensor, _raw
 
 
@@ -27,7 +28,7 @@ class Linear(Function):
                 f"{tuple(w.shape)} expects {w.shape[1]}"
             )
         x2 = x.reshape(-1, x.shape[-1])
-        out = x2 @ w.T
+        out = matmul(x2, w.T)
         if b is not None:
             out += b
         self.x2, self.w, self.x_shape = x2, w, x.shape
@@ -36,8 +37,8 @@ class Linear(Function):
     def backward(self, g):
         g2 = g.reshape(-1, g.shape[-1])
         need = self.needs_input_grad
-        gx = (g2 @ self.w).reshape(self.x_shape) if need[0] else None
-        gw = g2.T @ self.x2 if need[1] else None
+        gx = matmul(g2, self.w).reshape(self.x_shape) if need[0] else None
+        gw = matmul(g2.T, self.x2) if need[1] else None
         if len(need) == 2:
             return gx, gw
         return gx, gw, (g2.sum(axis=0) if need[2] else None)
@@ -335,7 +336,7 @@ class ScaledDotProductAttention(Function):
             out = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
         self.chunks = []
         for start, end, keys in _query_chunks(tq, tk, is_causal, GPU_CAUSAL_CHUNK if on_gpu else CAUSAL_CHUNK):
-            att = q[..., start:end, :] @ k[..., :keys, :].swapaxes(-1, -2)  # (B, nh, rows, keys)
+            att = matmul(q[..., start:end, :], k[..., :keys, :].swapaxes(-1, -2))  # (B, nh, rows, keys)
             if on_gpu:  # the chunk's queries are the last rows of its keys: the kernel's alignment
                 att = kernels_cuda.masked_softmax_(xp.ascontiguousarray(att), is_causal)
             else:  # only the last min(rows, keys) columns hold masked entries: add the mask there alone
@@ -345,7 +346,7 @@ class ScaledDotProductAttention(Function):
             if dropout_p > 0:
                 mask = (random_uniform(rng, att.shape, att) >= dropout_p).astype(att.dtype)
                 mask *= 1.0 / (1.0 - dropout_p)
-            xp.matmul(att if mask is None else att * mask, v[..., :keys, :], out=out[..., start:end, :])
+            matmul(att if mask is None else att * mask, v[..., :keys, :], out=out[..., start:end, :])
             self.chunks.append((start, end, keys, att, mask))
         return out
 
@@ -363,10 +364,10 @@ class ScaledDotProductAttention(Function):
             if gv is not None:
                 att_used = att if mask is None else att * mask
                 if i == 0:
-                    xp.matmul(att_used.swapaxes(-1, -2), g_rows, out=gv)
+                    matmul(att_used.swapaxes(-1, -2), g_rows, out=gv)
                 else:
-                    gv[..., :keys, :] += att_used.swapaxes(-1, -2) @ g_rows
-            gatt = g_rows @ v[..., :keys, :].swapaxes(-1, -2)  # (B, nh, rows, keys)
+                    gv[..., :keys, :] += matmul(att_used.swapaxes(-1, -2), g_rows)
+            gatt = matmul(g_rows, v[..., :keys, :].swapaxes(-1, -2))  # (B, nh, rows, keys)
             if mask is not None:
                 gatt *= mask
             if on_gpu:
@@ -376,11 +377,11 @@ class ScaledDotProductAttention(Function):
                     _softmax_backward_in_place, gatt.reshape(-1, *att.shape[-2:]), att.reshape(-1, *att.shape[-2:])
                 )
             if gq is not None:
-                xp.matmul(gatt, k[..., :keys, :], out=gq[..., start:end, :])
+                matmul(gatt, k[..., :keys, :], out=gq[..., start:end, :])
             if gk is not None and i == 0:
-                xp.matmul(gatt.swapaxes(-1, -2), q[..., start:end, :], out=gk)  # q is scaled already
+                matmul(gatt.swapaxes(-1, -2), q[..., start:end, :], out=gk)  # q is scaled already
             elif gk is not None:
-                gk[..., :keys, :] += gatt.swapaxes(-1, -2) @ q[..., start:end, :]
+                gk[..., :keys, :] += matmul(gatt.swapaxes(-1, -2), q[..., start:end, :])
         if gq is not None:
             gq *= scale
         return gq, gk, gv

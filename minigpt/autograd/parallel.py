@@ -1,0 +1,197 @@
+"""CPU parallelism: minigpt's own threads run GEMMs and row-block kernels; BLAS runs single-threaded.
+
+NumPy's ufuncs use one core, and OpenBLAS's threads spin for ~0.1 s after each GEMM, so a GELU or
+a layer norm between two GEMMs could neither use the other cores nor share them. Instead minigpt
+sets OpenBLAS to one thread and splits the work itself: a GEMM into row slices, a row-block kernel
+into row ranges, one per thread (the caller's thread takes the first). Idle workers sleep on a
+queue, so nothing spins. Measured on 2 cores: split GEMMs run as fast as OpenBLAS's own two threads,
+and GELU, layer norm and softmax run ~1.7x faster.
+
+Where NumPy's BLAS cannot be told to use one thread (not OpenBLAS), minigpt keeps one thread and
+leaves BLAS threading as it is. `set_num_threads` / MINIGPT_NUM_THREADS choose the count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import queue
+import threading
+from typing import Any
+
+import numpy as np
+
+from minigpt.autograd.backend import get_array_module
+
+# ----------------------------------------------------------------------------- BLAS threads
+
+_BLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads")
+
+
+def _openblas_setter() -> Any:
+    """openblas_set_num_threads of the OpenBLAS NumPy loaded (wheel or system), or None."""
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*"))
+    libs += glob.glob(os.path.join(os.path.dirname(np.__file__), ".libs", "*openblas*"))
+    for path in [*libs, "libopenblas.so.0"]:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in _BLAS_SETTERS:
+            if hasattr(lib, name):
+                return getattr(lib, name)
+    return None
+
+
+_set_blas_threads = _openblas_setter()
+
+
+# ----------------------------------------------------------------------------- the thread pool
+
+
+class _Worker:
+    """One thread that runs submitted callables; it sleeps on its queue between them."""
+
+    def __init__(self) -> None:
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, daemon=True, name="minigpt-worker").start()
+
+    def _run(self) -> None:
+        while True:
+            fn, done = self.tasks.get()
+            try:
+                done.append((True, fn()))
+            except BaseException as e:  # re-raised in the caller's thread
+                done.append((False, e))
+            done.event.set()
+
+    def submit(self, fn: Any) -> _Result:
+        result = _Result()
+        self.tasks.put((fn, result))
+        return result
+
+
+class _Result(list):
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = threading.Event()
+
+    def get(self) -> Any:
+        self.event.wait()
+        ok, value = self[0]
+        if not ok:
+            raise value
+        return value
+
+
+_workers: list[_Worker] = []
+_num_threads = 1
+
+
+def set_num_threads(n: int) -> None:
+    """Use n CPU threads for GEMMs and row-block kernels (like torch.set_num_threads).
+
+    NumPy's OpenBLAS is kept at one thread, for minigpt splits the work itself. Where BLAS cannot
+    be set (not OpenBLAS), minigpt stays at one thread and BLAS threads as it likes.
+    """
+    global _num_threads
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_num_threads: n must be a positive integer, got {n!r}")
+    if _set_blas_threads is None:
+        _num_threads = 1
+        return
+    _set_blas_threads(1)
+    while len(_workers) < n - 1:
+        _workers.append(_Worker())
+    _num_threads = n
+
+
+def get_num_threads() -> int:
+    return _num_threads
+
+
+def _default_threads() -> int:
+    for var in ("MINIGPT_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_parallel(tasks: list[Any]) -> list[Any]:
+    """[task() for task in tasks], spread over the threads: the caller's thread runs the first."""
+    pending = [_workers[i].submit(task) for i, task in enumerate(tasks[1:])]
+    first = tasks[0]()
+    return [first] + [p.get() for p in pending]
+
+
+def _splits(n: int, parts: int) -> list[tuple[int, int]]:
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i] < bounds[i + 1]]
+
+
+# ----------------------------------------------------------------------------- GEMMs
+
+MIN_SPLIT_FLOPS = 4e6  # below this a GEMM runs whole: a thread hand-off costs ~20-40 µs
+
+
+def matmul(a: Any, b: Any, out: Any = None) -> Any:
+    """a @ b (NumPy semantics, batched); large NumPy GEMMs are split over the threads.
+
+    A 2-D product splits a's rows; a batched one splits the leading batch dim when both operands
+    have it, else a's rows. Each slice writes its part of `out` in place.
+    """
+    parts = _num_threads
+    if parts == 1 or not isinstance(a, np.ndarray) or a.ndim < 2 or b.ndim < 2:
+        return get_array_module(a).matmul(a, b, out=out)
+    rows, inner, cols = a.shape[-2], a.shape[-1], b.shape[-1]
+    batch = int(np.prod(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))) if a.ndim > 2 or b.ndim > 2 else 1
+    if 2.0 * batch * rows * inner * cols < MIN_SPLIT_FLOPS:
+        return np.matmul(a, b, out=out)
+    if out is None:
+        shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), rows, cols)
+        out = np.empty(shape, dtype=np.result_type(a, b))
+    if a.ndim > 2 and b.ndim == a.ndim and a.shape[0] == b.shape[0] and a.shape[0] >= parts:
+        spans = _splits(a.shape[0], parts)  # batch slices
+        tasks = [lambda s=s, e=e: np.matmul(a[s:e], b[s:e], out=out[s:e]) for s, e in spans]
+    else:
+        spans = _splits(rows, parts)  # row slices of a (and out)
+        tasks = [lambda s=s, e=e: np.matmul(a[..., s:e, :], b, out=out[..., s:e, :]) for s, e in spans]
+    run_parallel(tasks)
+    return out
+
+
+# ----------------------------------------------------------------------------- CPU row blocks
+
+# NumPy streams whole arrays through memory once per ufunc. A kernel that makes several passes
+# (GELU, layer norm, softmax) therefore runs over blocks of rows small enough that its arrays stay
+# in cache between passes, which also keeps its temporaries block-sized.
+BLOCK_ELEMENTS = 1 << 18  # per array and block: 1 MB of float32 (measured best of 64K..whole array)
+MIN_SPLIT_ELEMENTS = 1 << 15  # smaller arrays run on the caller's thread alone
+
+
+def map_row_blocks(kernel: Any, *arrays: Any) -> list[Any]:
+    """[kernel(*blocks) for consecutive row blocks of `arrays`], which share their first dim.
+
+    Blocks are views, so a kernel writes its outputs in place. The rows are shared out among the
+    threads, each walking its part in cache-sized blocks. CuPy arrays (and small NumPy ones) go
+    through in one call. Results come back in block order.
+    """
+    first = arrays[0]
+    rows = first.shape[0]
+    if not isinstance(first, np.ndarray) or rows < 2 or first.size <= MIN_SPLIT_ELEMENTS:
+        return [kernel(*arrays)]
+    step = max(1, BLOCK_ELEMENTS * rows // first.size)
+    parts = min(_num_threads, rows)
+    if parts == 1:
+        return [kernel(*(a[i : i + step] for a in arrays)) for i in range(0, rows, step)]
+
+    def run(start: int, end: int) -> list[Any]:
+        return [kernel(*(a[i : min(i + step, end)] for a in arrays)) for i in range(start, end, step)]
+
+    results = run_parallel([lambda s=s, e=e: run(s, e) for s, e in _splits(rows, parts)])
+    return [r for part in results for r in part]
+
+
+set_num_threads(_default_threads())

@@ -1,0 +1,112 @@
+"""CPU threads: split GEMMs and row blocks give NumPy's results, and the fused ops stay exact under them."""
+
+import numpy as np
+import pytest
+
+import minigpt
+from minigpt import functional as F
+from minigpt.autograd import gradcheck, parallel
+
+rng = np.random.default_rng(5)
+
+needs_threads = pytest.mark.skipif(
+    parallel._set_blas_threads is None, reason="NumPy's BLAS is not OpenBLAS: minigpt stays single-threaded"
+)
+
+
+@pytest.fixture
+def split_everything(monkeypatch: pytest.MonkeyPatch):
+    """Two threads, and every GEMM and row kernel split, however small (tiny blocks too)."""
+    threads = parallel.get_num_threads()
+    parallel.set_num_threads(2)
+    monkeypatch.setattr(parallel, "MIN_SPLIT_FLOPS", 0)
+    monkeypatch.setattr(parallel, "MIN_SPLIT_ELEMENTS", 0)
+    monkeypatch.setattr(parallel, "BLOCK_ELEMENTS", 8)
+    yield
+    parallel.set_num_threads(threads)
+
+
+def _views(shape: tuple[int, ...]) -> list[np.ndarray]:
+    a = rng.standard_normal(shape)
+    return [a, a.swapaxes(-1, -2).copy().swapaxes(-1, -2)]  # C order, and a transposed layout
+
+
+@needs_threads
+@pytest.mark.parametrize(
+    "a_shape,b_shape",
+    [((7, 5), (5, 3)), ((1, 4), (4, 6)), ((3, 7, 5), (3, 5, 2)), ((2, 3, 7, 5), (5, 4)), ((1, 9, 4), (1, 4, 4))],
+)
+def test_split_matmul_matches_numpy(split_everything, a_shape, b_shape):
+    for a in _views(a_shape):
+        for b in _views(b_shape):
+            np.testing.assert_allclose(parallel.matmul(a, b), a @ b, rtol=1e-12)
+            out = np.empty(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]))
+            assert parallel.matmul(a, b, out=out) is out
+            np.testing.assert_allclose(out, a @ b, rtol=1e-12)
+
+
+@needs_threads
+def test_row_blocks_cover_every_row_in_order(split_everything):
+    x = np.arange(40.0).reshape(20, 2)
+    out = np.empty_like(x)
+
+    def kernel(block, out_block):
+        np.multiply(block, 2, out=out_block)
+        return block[:, 0].tolist()
+
+    parts = parallel.map_row_blocks(kernel, x, out)
+    assert len(parts) > 2  # several blocks on each of the two threads
+    assert [r for part in parts for r in part] == x[:, 0].tolist()
+    np.testing.assert_array_equal(out, 2 * x)
+
+
+@needs_threads
+def test_worker_errors_reach_the_caller(split_everything):
+    def fail():
+        raise KeyError("from the worker")
+
+    with pytest.raises(KeyError, match="from the worker"):
+        parallel.run_parallel([lambda: 1, fail])
+
+
+def test_set_num_threads_rejects_nonsense():
+    with pytest.raises(ValueError, match="positive integer"):
+        parallel.set_num_threads(0)
+    assert minigpt.get_num_threads() == parallel.get_num_threads() >= 1
+
+
+def _rand(*shape):
+    return minigpt.tensor(rng.standard_normal(shape), requires_grad=True)
+
+
+@needs_threads
+def test_fused_ops_gradcheck_when_split(split_everything):
+    x, w, b = _rand(2, 6, 5), _rand(4, 5), _rand(4)
+    assert gradcheck(F.linear, [x, w, b])
+    assert gradcheck(F.layer_norm, [_rand(3, 4, 5), _rand(5), _rand(5)])
+    assert gradcheck(F.gelu, [_rand(6, 5)])
+    targets = rng.integers(0, 7, 9)
+    assert gradcheck(lambda z: F.cross_entropy(z, targets), [_rand(9, 7)])
+    q, k, v = _rand(2, 2, 6, 3), _rand(2, 2, 6, 3), _rand(2, 2, 6, 3)
+    assert gradcheck(F.scaled_dot_product_attention, [q, k, v])
+
+
+@needs_threads
+def test_gpt_training_is_the_same_on_one_and_two_threads(monkeypatch):
+    from test_equivalence import train_losses
+
+    threads = parallel.get_num_threads()
+    try:
+        parallel.set_num_threads(1)
+        one_thread_losses, one_thread_state = train_losses()
+        parallel.set_num_threads(2)
+        monkeypatch.setattr(parallel, "MIN_SPLIT_FLOPS", 0)
+        monkeypatch.setattr(parallel, "MIN_SPLIT_ELEMENTS", 0)
+        monkeypatch.setattr(parallel, "BLOCK_ELEMENTS", 64)
+        split_losses, split_state = train_losses()
+    finally:
+        parallel.set_num_threads(threads)
+    np.testing.assert_allclose(split_losses, one_thread_losses, rtol=1e-5)
+    for name, value in split_state.items():
+        # atol as in test_equivalence: AdamW blows float32 rounding in ~0 gradients (the key bias) up to lr-sized steps
+        np.testing.assert_allclose(value, one_thread_state[name], rtol=1e-3, atol=2e-5, err_msg=name)
