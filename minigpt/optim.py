@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from minigpt.autograd import backend, kernels_cuda
+from minigpt.autograd.parallel import map_row_blocks
 from minigpt.autograd.tensor import Tensor
 from minigpt.nn import raise_state_problems
 
@@ -286,22 +287,29 @@ class AdamW(Optimizer):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if xp is not np and kernels_cuda.enabled(p.dtype):  # CUDA kernel; array twin below
             return kernels_cuda.adamw_step(p.data, grad, m, v, lr, beta1, beta2, eps, wd, t)
-        if wd:
-            p.data *= 1.0 - lr * wd  # decoupled: shrink the weight, not the gradient
-        m *= beta1  # m = β1 m + (1-β1) g
-        xp.multiply(grad, 1.0 - beta1, out=scratch)
-        m += scratch
-        v *= beta2  # v = β2 v + (1-β2) g²
-        xp.multiply(grad, grad, out=scratch)
-        scratch *= 1.0 - beta2
-        v += scratch
-        # p -= lr/(1-β1^t) * m / (sqrt(v)/sqrt(1-β2^t) + eps)
-        xp.sqrt(v, out=scratch)
-        scratch *= 1.0 / math.sqrt(1.0 - beta2**t)
-        scratch += eps
-        xp.divide(m, scratch, out=scratch)
-        scratch *= lr / (1.0 - beta1**t)
-        p.data -= scratch
+        # p -= lr/(1-β1^t) * m / (sqrt(v)/sqrt(1-β2^t) + eps), in cache-sized row blocks over the threads
+        coefficients = (lr, beta1, beta2, eps, wd, 1.0 / math.sqrt(1.0 - beta2**t), lr / (1.0 - beta1**t))
+        map_row_blocks(lambda *blocks: _adamw_rows(*blocks, *coefficients), p.data, grad, m, v, scratch)
+
+
+def _adamw_rows(p, grad, m, v, scratch, lr, beta1, beta2, eps, wd, v_scale, step_size):
+    """One block of AdamW: decoupled weight decay, both moments, then the bias-corrected step."""
+    xp = backend.get_array_module(p)
+    if wd:
+        p *= 1.0 - lr * wd  # decoupled: shrink the weight, not the gradient
+    m *= beta1  # m = β1 m + (1-β1) g
+    xp.multiply(grad, 1.0 - beta1, out=scratch)
+    m += scratch
+    v *= beta2  # v = β2 v + (1-β2) g²
+    xp.multiply(grad, grad, out=scratch)
+    scratch *= 1.0 - beta2
+    v += scratch
+    xp.sqrt(v, out=scratch)
+    scratch *= v_scale
+    scratch += eps
+    xp.divide(m, scratch, out=scratch)
+    scratch *= step_size
+    p -= scratch
 
 
 _FLAT_KINDS = ("param", "exp_avg", "exp_avg_sq")

@@ -1,5 +1,8 @@
 """CPU threads: split GEMMs and row blocks give NumPy's results, and the fused ops stay exact under them."""
 
+import resource
+import sys
+
 import numpy as np
 import pytest
 
@@ -110,3 +113,23 @@ def test_gpt_training_is_the_same_on_one_and_two_threads(monkeypatch):
     for name, value in split_state.items():
         # atol as in test_equivalence: AdamW blows float32 rounding in ~0 gradients (the key bias) up to lr-sized steps
         np.testing.assert_allclose(value, one_thread_state[name], rtol=1e-3, atol=2e-5, err_msg=name)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_freed_activations_are_reused_without_page_faults():
+    # A training step frees and reallocates the same large buffers: they must come back from the
+    # heap, not from the OS (mallopt takes C ints: a trim threshold of 1 << 62 once wrapped to 0).
+    from minigpt.autograd import backend
+
+    if not backend.keep_freed_memory():
+        pytest.skip("not glibc, or MINIGPT_KEEP_MEMORY=0")
+
+    def step() -> None:  # 96 MB of activations alive at once (more than glibc's 64 MB top pad), then freed
+        buffers = [np.ones((3072, 2048), dtype=np.float32) for _ in range(4)]  # 24 MB each
+        del buffers
+
+    step()  # warm up: the heap grows once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        step()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 500

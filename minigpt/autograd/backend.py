@@ -152,7 +152,7 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # malloc.h
     return bool(
         libc.mallopt(m_mmap_threshold, 32 << 20)  # the largest glibc allows on 64-bit
-        and libc.mallopt(m_trim_threshold, 1 << 62)
+        and libc.mallopt(m_trim_threshold, 2**31 - 1)  # mallopt takes a C int: 1 << 62 would wrap to 0
         and libc.mallopt(m_top_pad, 64 << 20)
     )
 
