@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import itertools
 import os
 import queue
 import threading
@@ -120,10 +121,25 @@ def _default_threads() -> int:
 
 
 def run_parallel(tasks: list[Any]) -> list[Any]:
-    """[task() for task in tasks], spread over the threads: the caller's thread runs the first."""
-    pending = [_workers[i].submit(task) for i, task in enumerate(tasks[1:])]
-    first = tasks[0]()
-    return [first] + [p.get() for p in pending]
+    """[task() for task in tasks], the threads taking the next task as they come free.
+
+    The caller's thread works too, so a worker that wakes late takes fewer tasks instead of
+    holding everyone up: more tasks than threads balance better.
+    """
+    results: list[Any] = [None] * len(tasks)
+    order = itertools.count()  # next() is atomic under the GIL: each task is taken once
+
+    def drain() -> None:
+        for i in order:
+            if i >= len(tasks):
+                return
+            results[i] = tasks[i]()
+
+    pending = [worker.submit(drain) for worker in _workers[: min(_num_threads, len(tasks)) - 1]]
+    drain()
+    for p in pending:
+        p.get()
+    return results
 
 
 def _splits(n: int, parts: int) -> list[tuple[int, int]]:
@@ -133,6 +149,7 @@ def _splits(n: int, parts: int) -> list[tuple[int, int]]:
 
 # ----------------------------------------------------------------------------- GEMMs
 
+MIN_SLICE_ROWS = 128  # thinner row slices lose GEMM efficiency
 MIN_SPLIT_FLOPS = 4e6  # below this a GEMM runs whole: a thread hand-off costs ~20-40 µs
 
 
@@ -153,10 +170,11 @@ def matmul(a: Any, b: Any, out: Any = None) -> Any:
         shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), rows, cols)
         out = np.empty(shape, dtype=np.result_type(a, b))
     if a.ndim > 2 and b.ndim == a.ndim and a.shape[0] == b.shape[0] and a.shape[0] >= parts:
-        spans = _splits(a.shape[0], parts)  # batch slices
+        spans = _splits(a.shape[0], a.shape[0])  # one task per batch entry
         tasks = [lambda s=s, e=e: np.matmul(a[s:e], b[s:e], out=out[s:e]) for s, e in spans]
     else:
-        spans = _splits(rows, parts)  # row slices of a (and out)
+        slices = 2 * parts if rows >= 2 * parts * MIN_SLICE_ROWS else parts  # a multiple of the threads
+        spans = _splits(rows, slices)  # row slices of a (and out)
         tasks = [lambda s=s, e=e: np.matmul(a[..., s:e, :], b, out=out[..., s:e, :]) for s, e in spans]
     run_parallel(tasks)
     return out
@@ -183,15 +201,10 @@ def map_row_blocks(kernel: Any, *arrays: Any) -> list[Any]:
     if not isinstance(first, np.ndarray) or rows < 2 or first.size <= MIN_SPLIT_ELEMENTS:
         return [kernel(*arrays)]
     step = max(1, BLOCK_ELEMENTS * rows // first.size)
-    parts = min(_num_threads, rows)
-    if parts == 1:
+    if _num_threads == 1:
         return [kernel(*(a[i : i + step] for a in arrays)) for i in range(0, rows, step)]
-
-    def run(start: int, end: int) -> list[Any]:
-        return [kernel(*(a[i : min(i + step, end)] for a in arrays)) for i in range(start, end, step)]
-
-    results = run_parallel([lambda s=s, e=e: run(s, e) for s, e in _splits(rows, parts)])
-    return [r for part in results for r in part]
+    step = min(step, -(-rows // _num_threads))  # at least one block per thread
+    return run_parallel([lambda i=i: kernel(*(a[i : i + step] for a in arrays)) for i in range(0, rows, step)])
 
 
 set_num_threads(_default_threads())
