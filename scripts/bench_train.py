@@ -14,8 +14,12 @@ On --device cuda the peak is cuBLAS's (a CuPy matmul) and every timed step ends 
 --tf32 lets float32 GEMMs use TF32 tensor cores in both engines: CUPY_TF32=1 (set here, before
 minigpt imports CuPy) and torch.backends.cuda.matmul.allow_tf32.
 
-With --vs-torch the same model (same weights, batch, dtype and threads) is built in PyTorch and
-the two are timed alternately; peak RSS of each is measured in a child process of its own.
+With --vs-torch the same model (same weights, batches, dtype and threads) is built in PyTorch.
+Each engine is timed in a fresh process of its own, as a user runs it, and the engines take turns
+(--rounds of each, alternating), so machine noise hits both alike; the step time is the median over
+all rounds. (In one process they disturb each other: OpenBLAS's and OpenMP's idle threads spin
+after their work, and a pause to let them settle lets the VM's idle vCPUs sleep, which slows the
+next thread hand-off.) Peak RSS, and GPU memory on "cuda", come from the same processes.
 """
 
 from __future__ import annotations
@@ -45,8 +49,6 @@ from minigpt.autograd import parallel
 from minigpt.autograd.backend import cupy_module, get_array_module, normalize_device, to_device
 from minigpt.gpt import GPT, GPTConfig
 from minigpt.optim import AdamW, clip_grad_norm_
-
-SETTLE_S = 0.3  # pause before each timed CPU step when two engines alternate
 
 CONFIGS = {
     "S": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65),
@@ -219,13 +221,40 @@ def peak_gpu_mb(engine: str) -> float:
     return cupy_module().get_default_memory_pool().total_bytes() / 2**20
 
 
-def child_memory(args: argparse.Namespace, engine: str) -> dict[str, float]:
-    """Peak RSS (MB), and on the GPU the allocator's peak (MB), of a fresh process running one engine only."""
-    cmd = [sys.executable, __file__, "--rss-child", engine, "--steps", str(args.steps), "--device", args.device]
-    cmd += ["--" + k.replace("_", "-") + "=" + str(v) for k, v in settings(args).items()]
+def run_child(args: argparse.Namespace, engine: str) -> dict[str, Any]:
+    """Time one engine in a fresh process: its step times (s), losses, peak RSS and GPU memory (MB)."""
+    cmd = [sys.executable, __file__, "--child", engine, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--device", args.device] + ["--" + k.replace("_", "-") + "=" + str(v) for k, v in settings(args).items()]
     cmd += ["--tf32"] if args.tf32 else []
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"error: the {engine} process failed:\n{done.stderr.strip()}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child_main(args: argparse.Namespace, s: dict[str, int]) -> None:
+    runner: Any = MinigptRunner(s, args.device)
+    if args.child == "torch":
+        import torch
+
+        torch.set_num_threads(threads_of())
+        weights = runner.model.state_dict()
+        del runner  # only the PyTorch model's memory counts
+        runner = TorchRunner(s, args.device, weights, args.tf32)
+    times, losses = [], []
+    for i, (x, y) in enumerate(batches(s, args.warmup + args.steps)):
+        synchronize(args.device)  # start the clock on an idle GPU (each step ends synchronised too)
+        t0 = time.perf_counter()
+        loss = runner.step(x, y)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(float(loss.item()))
+    gpu = {"gpu_mb": peak_gpu_mb(args.child)} if args.device == "cuda" else {}
+    print(json.dumps({"times": times, "losses": losses, "peak_rss_mb": peak_rss_mb(), **gpu}))
+
+
+def threads_of() -> int:
+    return int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
 
 
 def settings(args: argparse.Namespace) -> dict[str, int]:
@@ -255,76 +284,52 @@ def main() -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), help="a named size (default S)")
     for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "vocab_size"):
         parser.add_argument("--" + key.replace("_", "-"), type=int)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per engine")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per process")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu", help='"cpu" or "cuda" (CuPy; PyTorch on the same GPU)')
     parser.add_argument("--tf32", action="store_true", help="allow TF32 tensor-core GEMMs (CuPy and PyTorch)")
     parser.add_argument("--vs-torch", action="store_true", help="time PyTorch eager side by side")
     parser.add_argument("--sample", action="store_true", help="also time generation with and without KV cache")
     parser.add_argument("--sample-tokens", type=int, default=500)
-    parser.add_argument("--rss-child", choices=["minigpt", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=2, help="processes per engine, taking turns")
+    parser.add_argument("--child", choices=["minigpt", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.device = normalize_device(args.device)  # "cuda:0" -> "cuda"; a clear error without CuPy or a GPU
     s = settings(args)
-    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
-    data = batches(s, args.warmup + args.steps)
-
-    if args.rss_child:
-        runner: Any = MinigptRunner(s, args.device)
-        if args.rss_child == "torch":
-            import torch
-
-            torch.set_num_threads(threads)
-            weights = runner.model.state_dict()
-            del runner  # only the PyTorch model's memory counts
-            runner = TorchRunner(s, args.device, weights, args.tf32)
-        for x, y in data:
-            runner.step(x, y)
-        gpu = {"gpu_mb": peak_gpu_mb(args.rss_child)} if args.device == "cuda" else {}
-        print(json.dumps({"peak_rss_mb": peak_rss_mb(), **gpu}))
+    if args.child:
+        child_main(args, s)
         return
 
     tokens = s["batch_size"] * s["block_size"]
-    print(f"config {args.config or 'S'}: {s}, {threads} threads, device {args.device}")
+    print(f"config {args.config or 'S'}: {s}, {threads_of()} threads, device {args.device}")
     n, lib = (8192, "CuPy/cuBLAS") if args.device == "cuda" else (2048, "NumPy")
     peak = gemm_peak_gflops(n, device=args.device)
     tf32 = " (TF32)" if args.tf32 and args.device == "cuda" else ""
     print(f"float32{tf32} GEMM peak ({n}^3 {lib} matmul): {peak:.1f} GFLOP/s")
-    runners: dict[str, Any] = {"minigpt": MinigptRunner(s, args.device)}
+    engines = ["minigpt"]
     if args.vs_torch:
         try:
-            import torch
+            import torch  # noqa: F401
         except ImportError:
             print("error: --vs-torch needs PyTorch (pip install torch==2.13.0)", file=sys.stderr)
             sys.exit(2)
-        torch.set_num_threads(threads)
-        runners["torch"] = TorchRunner(s, args.device, runners["minigpt"].model.state_dict(), args.tf32)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    losses: dict[str, list[float]] = {name: [] for name in runners}
-    for i, (x, y) in enumerate(data):
-        for name, runner in runners.items():  # alternate, so machine noise hits both alike
-            synchronize(args.device)  # start the clock on an idle GPU (each step ends synchronised too)
-            if len(runners) > 1 and args.device == "cpu":
-                # Let the other engine's idle threads stop spinning (OpenBLAS spins ~0.1 s after a
-                # GEMM, OpenMP a while too): each engine is timed as if it ran alone.
-                time.sleep(SETTLE_S)
-            t0 = time.perf_counter()
-            loss = runner.step(x, y)
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
-            losses[name].append(float(loss.item()))
+        engines.append("torch")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
+    for _ in range(args.rounds):
+        for name in engines:  # alternate, so machine noise hits both alike
+            runs[name].append(run_child(args, name))
     flops = flops_per_step(s)
     rates = {}
-    for name in runners:
-        step = float(np.median(times[name]))
+    for name in engines:
+        step = float(np.median([t for run in runs[name] for t in run["times"]]))
         rates[name] = tokens / step
         gflops = flops / step / 1e9
-        memory = child_memory(args, name)
-        gpu = f" | GPU {memory['gpu_mb']:6.0f} MB" if "gpu_mb" in memory else ""
+        rss = max(run["peak_rss_mb"] for run in runs[name])
+        gpu = f" | GPU {max(run['gpu_mb'] for run in runs[name]):6.0f} MB" if args.device == "cuda" else ""
+        losses = runs[name][0]["losses"]
         print(
             f"{name:<8} step {step * 1e3:8.1f} ms | {tokens / step:10,.0f} tokens/s | {gflops:8.1f} GFLOP/s | "
-            f"MFU {gflops / peak:5.1%} | peak RSS {memory['peak_rss_mb']:7.0f} MB{gpu} | "
-            f"loss {losses[name][0]:.4f} -> {losses[name][-1]:.4f}"
+            f"MFU {gflops / peak:5.1%} | peak RSS {rss:7.0f} MB{gpu} | loss {losses[0]:.4f} -> {losses[-1]:.4f}"
         )
     if args.vs_torch:
         print(f"throughput ratio minigpt/PyTorch: {rates['minigpt'] / rates['torch']:.2f}x")

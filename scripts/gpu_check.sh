@@ -50,7 +50,7 @@ for s in "$@"; do
         grep -vE "^\[" "$OUT/kernels.log"
         ;;
     profile)  # where the host time of a config-M training step goes (cProfile, minigpt alone)
-        stage profile 120 $PY -m cProfile -s tottime scripts/bench_train.py --config M --device cuda --steps 30
+        stage profile 120 $PY -m cProfile -s tottime scripts/bench_train.py --child minigpt --config M --device cuda --steps 30
         grep -A 30 "Ordered by" "$OUT/profile.log"
         ;;
     train)  # the default Shakespeare run on the GPU (compare its val loss with the CPU run's)
