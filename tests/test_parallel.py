@@ -2,6 +2,7 @@
 
 import resource
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -133,3 +134,22 @@ def test_freed_activations_are_reused_without_page_faults():
     for _ in range(5):
         step()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 500
+
+
+@needs_threads
+def test_nested_and_concurrent_dispatch_run_serially_instead_of_deadlocking(split_everything):
+    inner = [lambda: 1, lambda: 2, lambda: 3]
+    assert parallel.run_parallel([lambda: parallel.run_parallel(inner), lambda: parallel.run_parallel(inner)]) == [
+        [1, 2, 3],
+        [1, 2, 3],
+    ]
+    a, b = rng.standard_normal((64, 32)), rng.standard_normal((32, 16))
+    results: list[np.ndarray] = []
+    threads = [threading.Thread(target=lambda: results.append(parallel.matmul(a, b))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4
+    for r in results:
+        np.testing.assert_allclose(r, a @ b, rtol=1e-12)

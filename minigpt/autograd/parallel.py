@@ -17,7 +17,6 @@ import ctypes
 import glob
 import itertools
 import os
-import queue
 import threading
 from typing import Any
 
@@ -52,38 +51,44 @@ _set_blas_threads = _openblas_setter()
 
 
 class _Worker:
-    """One thread that runs submitted callables; it sleeps on its queue between them."""
+    """One thread that runs a job per start() and signals its end; it sleeps on a lock in between.
+
+    Two plain locks as semaphores are the cheapest hand-off CPython has (~17 µs round trip here,
+    against ~65 µs through a queue and an Event): it matters for the many small ops of a small model.
+    """
 
     def __init__(self) -> None:
-        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.go, self.done = threading.Lock(), threading.Lock()
+        self.go.acquire()
+        self.done.acquire()
+        self.job: Any = None
+        self.error: BaseException | None = None
         threading.Thread(target=self._run, daemon=True, name="minigpt-worker").start()
 
     def _run(self) -> None:
+        _local.in_worker = True
         while True:
-            fn, done = self.tasks.get()
+            self.go.acquire()
             try:
-                done.append((True, fn()))
+                self.job()
             except BaseException as e:  # re-raised in the caller's thread
-                done.append((False, e))
-            done.event.set()
+                self.error = e
+            self.job = None
+            self.done.release()
 
-    def submit(self, fn: Any) -> _Result:
-        result = _Result()
-        self.tasks.put((fn, result))
-        return result
+    def start(self, job: Any) -> None:
+        self.job = job
+        self.go.release()
+
+    def wait(self) -> None:
+        self.done.acquire()
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
 
 
-class _Result(list):
-    def __init__(self) -> None:
-        super().__init__()
-        self.event = threading.Event()
-
-    def get(self) -> Any:
-        self.event.wait()
-        ok, value = self[0]
-        if not ok:
-            raise value
-        return value
+_local = threading.local()  # in_worker: a task that dispatches again runs its tasks itself
+_dispatch = threading.Lock()  # one dispatcher at a time: a second (another user thread) runs serially
 
 
 _workers: list[_Worker] = []
@@ -135,10 +140,20 @@ def run_parallel(tasks: list[Any]) -> list[Any]:
                 return
             results[i] = tasks[i]()
 
-    pending = [worker.submit(drain) for worker in _workers[: min(_num_threads, len(tasks)) - 1]]
-    drain()
-    for p in pending:
-        p.get()
+    helpers = min(_num_threads, len(tasks)) - 1
+    if helpers <= 0 or getattr(_local, "in_worker", False) or not _dispatch.acquire(blocking=False):
+        drain()
+        return results
+    try:
+        for worker in _workers[:helpers]:
+            worker.start(drain)
+        try:
+            drain()
+        finally:
+            for worker in _workers[:helpers]:
+                worker.wait()
+    finally:
+        _dispatch.release()
     return results
 
 
