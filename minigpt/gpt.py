@@ -14,7 +14,7 @@ import numpy as np
 
 from minigpt import functional as F
 from minigpt import nn
-from minigpt.autograd import Tensor, no_grad
+from minigpt.autograd import Tensor, fused
 from minigpt.autograd.backend import get_array_module, is_array, to_numpy
 from minigpt.errors import UserError
 
@@ -72,6 +72,24 @@ class KVCache:
         self.length = 0  # positions filled
 
 
+def attend(qkv: Any, n_head: int, cache: KVCache | None = None, layer: int = 0) -> Any:
+    """Causal attention on plain arrays, for generation: q, k, v side by side (B, T, 3C) -> (B, T, C).
+
+    With a cache, the new tokens' k and v are appended to layer's and the queries see all of them;
+    the caller advances `cache.length` once every layer has been fed.
+    """
+    B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    heads = qkv.reshape(B, T, 3, n_head, C // n_head)
+    q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, nh, T, hs) each
+    if cache is not None:
+        end = cache.length + T
+        cache.k[layer, :, :, cache.length : end] = k
+        cache.v[layer, :, :, cache.length : end] = v
+        k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+    y = fused.ScaledDotProductAttention().forward(q, k, v, True, 0.0, None)  # the op's forward: no graph
+    return y.transpose(0, 2, 1, 3).reshape(B, T, C)  # y is a (B, T, nh, hs) buffer seen as (B, nh, T, hs)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, rng: np.random.Generator, dropout_rng: np.random.Generator):
         super().__init__()
@@ -84,15 +102,12 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
+        if cache is not None:  # generation builds no graph: the cached attention runs on raw arrays
+            return self.resid_dropout(self.c_proj(Tensor(attend(self.c_attn(x).data, nh, cache, layer))))
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.reshape(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.reshape(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.reshape(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None:  # generation (no grad): append to the cache, attend over all of it
-            end = cache.length + T
-            cache.k[layer, :, :, cache.length : end] = k.data
-            cache.v[layer, :, :, cache.length : end] = v.data
-            k, v = Tensor(cache.k[layer, :, :, :end]), Tensor(cache.v[layer, :, :, :end])  # (B, nh, end, hs)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, rng=self.dropout_rng)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
@@ -182,6 +197,28 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab)
         return logits, F.cross_entropy(logits, targets, ignore_index=-1)
 
+    def _next_logits(self, ids: Any, cache: KVCache | None = None) -> Any:
+        """forward() in eval mode on plain arrays, for generation: the last position's logits (B, V).
+
+        Generation records no graph, so each op's own forward runs on the arrays directly: at decode
+        sizes (one token, a small model) the Tensor and Function wrapping is most of the time. The
+        tests hold it equal to forward(), with and without a cache.
+        """
+        t, T = self.transformer, ids.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+        positions = t.wpe.weight if self.config.pos_encoding == "learned" else self.pos_table
+        ids = get_array_module(t.wte.weight.data).asarray(ids)  # to the model's device
+        x = fused.Embedding().forward(t.wte.weight.data, ids) + positions.data[start : start + T]
+        for layer, block in enumerate(t.h):
+            qkv = _linear(block.attn.c_attn, _layer_norm(block.ln_1, x))
+            x = x + _linear(block.attn.c_proj, attend(qkv, block.attn.n_head, cache, layer))
+            x = x + _linear(block.mlp.c_proj, fused.Gelu().forward(_linear(block.mlp.c_fc, _layer_norm(block.ln_2, x))))
+        if cache is not None:
+            cache.length += T
+        return _linear(self.lm_head, _layer_norm(t.ln_f, x[:, -1, :]))
+
     def generate_tokens(
         self,
         idx: Any,
@@ -207,15 +244,14 @@ class GPT(nn.Module):
                 if tokens.shape[1] - start > block:
                     # The window is full: slide it, keeping the last half, and rebuild the cache.
                     start, cache = tokens.shape[1] - max(1, block // 2), None
-                with no_grad():  # per step, so the caller's code between yields keeps its grad mode
-                    if not use_cache:
-                        logits, _ = self(tokens[:, start:])
-                    elif cache is None:
-                        cache = KVCache(self.config, tokens.shape[0], self.lm_head.weight.data)
-                        logits, _ = self(tokens[:, start:], cache=cache)
-                    else:
-                        logits, _ = self(tokens[:, -1:], cache=cache)
-                nxt = sample_next(to_numpy(logits.data[:, -1, :]), rng, temperature, top_k, top_p, vocab_limit)
+                if not use_cache:
+                    logits = self._next_logits(tokens[:, start:])
+                elif cache is None:
+                    cache = KVCache(self.config, tokens.shape[0], self.lm_head.weight.data)
+                    logits = self._next_logits(tokens[:, start:], cache)
+                else:
+                    logits = self._next_logits(tokens[:, -1:], cache)
+                nxt = sample_next(to_numpy(logits), rng, temperature, top_k, top_p, vocab_limit)
                 tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
                 yield nxt
                 if stop_token is not None and (tokens[:, -1] == stop_token).all():
@@ -235,6 +271,15 @@ class GPT(nn.Module):
         tokens = _as_batch(idx)
         new = list(self.generate_tokens(tokens, max_new_tokens, **kwargs))
         return np.concatenate([tokens] + [t[:, None] for t in new], axis=1) if new else tokens
+
+
+def _linear(module: nn.Linear, x: Any) -> Any:
+    return fused.Linear().forward(x, module.weight.data, None if module.bias is None else module.bias.data)
+
+
+def _layer_norm(module: nn.LayerNorm, x: Any) -> Any:
+    bias = None if module.bias is None else module.bias.data
+    return fused.LayerNorm().forward(x, module.weight.data, bias, module.eps)
 
 
 def _as_batch(idx: Any) -> np.ndarray:

@@ -288,8 +288,9 @@ class AdamW(Optimizer):
         if xp is not np and kernels_cuda.enabled(p.dtype):  # CUDA kernel; array twin below
             return kernels_cuda.adamw_step(p.data, grad, m, v, lr, beta1, beta2, eps, wd, t)
         # p -= lr/(1-β1^t) * m / (sqrt(v)/sqrt(1-β2^t) + eps), in cache-sized row blocks over the threads
-        coefficients = (lr, beta1, beta2, eps, wd, 1.0 / math.sqrt(1.0 - beta2**t), lr / (1.0 - beta1**t))
-        map_row_blocks(lambda *blocks: _adamw_rows(*blocks, *coefficients), p.data, grad, m, v, scratch)
+        v_scale, step_size = 1.0 / math.sqrt(1.0 - beta2**t), lr / (1.0 - beta1**t)
+        coefficients = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, wd=wd, v_scale=v_scale, step_size=step_size)
+        map_row_blocks(_adamw_rows, p.data, grad, m, v, scratch, **coefficients)
 
 
 def _adamw_rows(p, grad, m, v, scratch, lr, beta1, beta2, eps, wd, v_scale, step_size):

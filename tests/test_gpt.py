@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 
+import minigpt
 from minigpt import optim
 from minigpt.autograd import gradcheck
 from minigpt.checkpoint import load_checkpoint, save_checkpoint
 from minigpt.errors import UserError
-from minigpt.gpt import GPT, GPTConfig, sample_next
+from minigpt.gpt import GPT, GPTConfig, KVCache, sample_next
 
 TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
 
@@ -117,6 +118,25 @@ def test_cached_generation_equals_recomputation(pos_encoding):
     np.testing.assert_array_equal(sampled, model.generate(prompt, 30, use_cache=False, **kwargs))
     np.testing.assert_array_equal(sampled, model.generate(prompt, 30, **kwargs))  # the seed repeats
     assert not np.array_equal(sampled, greedy)
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal"])
+def test_generation_forward_on_plain_arrays_equals_forward(pos_encoding):
+    model = tiny(pos_encoding=pos_encoding, vocab_size=40, bias=True)
+    for p in model.parameters():  # biases and LayerNorm weights away from their 0/1 init
+        p.data += np.random.default_rng(3).normal(0.0, 0.05, p.shape).astype(p.dtype)
+    model.eval()
+    tokens = ids(2, 8, vocab=40)
+    with minigpt.no_grad():
+        reference = [model(tokens[:, : t + 1])[0].data[:, -1, :] for t in range(8)]
+    np.testing.assert_allclose(model._next_logits(tokens), reference[-1], rtol=1e-5, atol=1e-6)
+    cache = KVCache(model.config, 2, model.lm_head.weight.data)
+    np.testing.assert_allclose(model._next_logits(tokens[:, :3], cache), reference[2], rtol=1e-5, atol=1e-6)
+    for t in range(3, 8):  # one token at a time over the cache
+        np.testing.assert_allclose(model._next_logits(tokens[:, t : t + 1], cache), reference[t], rtol=1e-5, atol=1e-6)
+    assert cache.length == 8
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model._next_logits(tokens[:, :1], cache)
 
 
 def test_generation_options():

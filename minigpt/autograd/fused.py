@@ -155,32 +155,32 @@ class LayerNorm(Function):
             out, self.xhat, self.rstd = kernels_cuda.layer_norm_forward(x, w, b, eps)
             self.w = w
             return out
-        out, xhat = xp.empty_like(x), xp.empty_like(x)
-        rstd = xp.empty((*x.shape[:-1], 1), dtype=x.dtype)
-        rows = (a.reshape(-1, a.shape[-1]) for a in (x, out, xhat, rstd))
-        map_row_blocks(lambda *blocks: _layer_norm_rows(*blocks, w, b, eps), *rows)
-        self.xhat, self.rstd, self.w = xhat, rstd, w
-        return out
+        x2 = x.reshape(-1, x.shape[-1])
+        out, xhat = xp.empty_like(x2), xp.empty_like(x2)
+        rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)
+        map_row_blocks(_layer_norm_rows, x2, out, xhat, rstd, w=w, b=b, eps=eps)
+        self.xhat, self.rstd, self.w = xhat, rstd, w  # as rows: the backward works on rows too
+        return out.reshape(x.shape)
 
     def backward(self, g):
         xhat, rstd, w = self.xhat, self.rstd, self.w
         need = self.needs_input_grad
         if get_array_module(g) is not np and kernels_cuda.enabled(g.dtype):  # CUDA kernel; array twin below
             return kernels_cuda.layer_norm_backward(g, xhat, rstd, w, need)
-        gx = get_array_module(g).empty_like(g)
-        rows = (a.reshape(-1, a.shape[-1]) for a in (g, xhat, rstd, gx))
-        partials = map_row_blocks(lambda *blocks: _layer_norm_backward_rows(*blocks, w, need), *rows)
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = get_array_module(g).empty_like(g2)
+        partials = map_row_blocks(_layer_norm_backward_rows, g2, xhat, rstd, gx, w=w, need=need)
         gw = sum(p[0] for p in partials) if need[1] else None  # per-block partial sums over rows
+        gx = gx.reshape(g.shape) if need[0] else None
         if len(need) == 2:
-            return (gx if need[0] else None), gw
-        gb = sum(p[1] for p in partials) if need[2] else None
-        return (gx if need[0] else None), gw, gb
+            return gx, gw
+        return gx, gw, (sum(p[1] for p in partials) if need[2] else None)
 
 
 def _layer_norm_rows(x, out, xhat, rstd, w, b, eps):
     """One block of rows: x̂ = (x - mean) / sqrt(var + eps); out = x̂ w + b."""
     xp = get_array_module(x)
-    xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)
+    xp.subtract(x, _row_mean(x), out=xhat)
     var = xp.einsum("ij,ij->i", xhat, xhat)[:, None] if xp is np else (xhat * xhat).sum(axis=-1, keepdims=True)
     xp.divide(1.0, xp.sqrt(var * (1.0 / x.shape[-1]) + eps), out=rstd)
     xhat *= rstd
@@ -189,12 +189,26 @@ def _layer_norm_rows(x, out, xhat, rstd, w, b, eps):
         out += b
 
 
+_mean_vectors: dict[tuple[Any, ...], Any] = {}
+
+
+def _row_mean(x):
+    """Mean of each row of a 2-D block as a (rows, 1) column, by a GEMV with a 1/C vector: in NumPy
+    ~4x faster than x.mean(axis=-1), which reduces along the rows in a slower loop."""
+    xp = get_array_module(x)
+    key = (xp.__name__, x.shape[-1], x.dtype.str)
+    weights = _mean_vectors.get(key)
+    if weights is None:
+        weights = _mean_vectors[key] = xp.full((x.shape[-1], 1), 1.0 / x.shape[-1], dtype=x.dtype)
+    return x @ weights
+
+
 def _layer_norm_backward_rows(g, xhat, rstd, gx, w, need):
     """One block: gx = rstd (g w - mean(g w) - x̂ mean(g w x̂)); returns its (Σ g x̂, Σ g) for dw, db."""
     xp = get_array_module(g)
     c = g.shape[-1]
     xp.multiply(g, w, out=gx)  # g x̂-side: d loss / d x̂
-    mean_g = gx.mean(axis=-1, keepdims=True)
+    mean_g = _row_mean(gx)
     mean_gx = (xp.einsum("ij,ij->i", gx, xhat) if xp is np else (gx * xhat).sum(axis=-1))[:, None] * (1.0 / c)
     gx -= mean_g
     gx -= xhat * mean_gx
@@ -217,10 +231,11 @@ class Gelu(Function):
             out, self.t = kernels_cuda.gelu_forward(x)
             self.x = x
             return out
-        out, t = xp.empty_like(x), xp.empty_like(x)
-        map_row_blocks(_gelu_rows, *(a.reshape(-1, a.shape[-1]) for a in (x, out, t)))
-        self.x, self.t = x, t
-        return out
+        x2 = x.reshape(-1, x.shape[-1])
+        out, t = xp.empty_like(x2), xp.empty_like(x2)
+        map_row_blocks(_gelu_rows, x2, out, t)
+        self.x, self.t = x, t.reshape(x.shape)
+        return out.reshape(x.shape)
 
     def backward(self, g):
         x, t = self.x, self.t
@@ -340,8 +355,10 @@ class ScaledDotProductAttention(Function):
             if on_gpu:  # the chunk's queries are the last rows of its keys: the kernel's alignment
                 att = kernels_cuda.masked_softmax_(xp.ascontiguousarray(att), is_causal)
             else:  # only the last min(rows, keys) columns hold masked entries: add the mask there alone
-                bias = causal_bias(xp, end - start, min(end - start, keys), att.dtype) if is_causal else None
-                map_row_blocks(lambda a, bias=bias: _softmax_in_place(a, bias), att.reshape(-1, *att.shape[-2:]))
+                # (a single query row sees every key it is given: nothing to mask)
+                masked = is_causal and end - start > 1
+                bias = causal_bias(xp, end - start, min(end - start, keys), att.dtype) if masked else None
+                map_row_blocks(_softmax_in_place, att.reshape(-1, *att.shape[-2:]), bias=bias)
             mask = None
             if dropout_p > 0:
                 mask = (random_uniform(rng, att.shape, att) >= dropout_p).astype(att.dtype)

@@ -165,7 +165,7 @@ def _splits(n: int, parts: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------- GEMMs
 
 MIN_SLICE_ROWS = 128  # thinner row slices lose GEMM efficiency
-MIN_SPLIT_FLOPS = 4e6  # below this a GEMM runs whole: a thread hand-off costs ~20-40 µs
+MIN_SPLIT_FLOPS = 2e7  # below this a GEMM runs whole: a thread hand-off costs ~50 µs on this VM
 
 
 def matmul(a: Any, b: Any, out: Any = None) -> Any:
@@ -177,9 +177,8 @@ def matmul(a: Any, b: Any, out: Any = None) -> Any:
     parts = _num_threads
     if parts == 1 or not isinstance(a, np.ndarray) or a.ndim < 2 or b.ndim < 2:
         return get_array_module(a).matmul(a, b, out=out)
-    rows, inner, cols = a.shape[-2], a.shape[-1], b.shape[-1]
-    batch = int(np.prod(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))) if a.ndim > 2 or b.ndim > 2 else 1
-    if 2.0 * batch * rows * inner * cols < MIN_SPLIT_FLOPS:
+    rows, cols = a.shape[-2], b.shape[-1]
+    if 2.0 * max(a.size * cols, b.size * rows) < MIN_SPLIT_FLOPS:  # the FLOPs, batch dims broadcast
         return np.matmul(a, b, out=out)
     if out is None:
         shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), rows, cols)
@@ -201,25 +200,26 @@ def matmul(a: Any, b: Any, out: Any = None) -> Any:
 # (GELU, layer norm, softmax) therefore runs over blocks of rows small enough that its arrays stay
 # in cache between passes, which also keeps its temporaries block-sized.
 BLOCK_ELEMENTS = 1 << 18  # per array and block: 1 MB of float32 (measured best of 64K..whole array)
-MIN_SPLIT_ELEMENTS = 1 << 15  # smaller arrays run on the caller's thread alone
+MIN_SPLIT_ELEMENTS = 1 << 17  # smaller arrays run on the caller's thread alone (measured at config S)
 
 
-def map_row_blocks(kernel: Any, *arrays: Any) -> list[Any]:
-    """[kernel(*blocks) for consecutive row blocks of `arrays`], which share their first dim.
+def map_row_blocks(kernel: Any, *arrays: Any, **constants: Any) -> list[Any]:
+    """[kernel(*blocks, **constants) for consecutive row blocks of `arrays`], which share their first dim.
 
-    Blocks are views, so a kernel writes its outputs in place. The rows are shared out among the
-    threads, each walking its part in cache-sized blocks. CuPy arrays (and small NumPy ones) go
-    through in one call. Results come back in block order.
+    Blocks are views, so a kernel writes its outputs in place. The blocks are shared out among the
+    threads. CuPy arrays (and small NumPy ones) go through in one call. Results come back in block
+    order.
     """
     first = arrays[0]
     rows = first.shape[0]
     if not isinstance(first, np.ndarray) or rows < 2 or first.size <= MIN_SPLIT_ELEMENTS:
-        return [kernel(*arrays)]
+        return [kernel(*arrays, **constants)]
     step = max(1, BLOCK_ELEMENTS * rows // first.size)
     if _num_threads == 1:
-        return [kernel(*(a[i : i + step] for a in arrays)) for i in range(0, rows, step)]
+        return [kernel(*(a[i : i + step] for a in arrays), **constants) for i in range(0, rows, step)]
     step = min(step, -(-rows // _num_threads))  # at least one block per thread
-    return run_parallel([lambda i=i: kernel(*(a[i : i + step] for a in arrays)) for i in range(0, rows, step)])
+    blocks = range(0, rows, step)
+    return run_parallel([lambda i=i: kernel(*(a[i : i + step] for a in arrays), **constants) for i in blocks])
 
 
 set_num_threads(_default_threads())
