@@ -265,17 +265,20 @@ def settings(args: argparse.Namespace) -> dict[str, int]:
     return s
 
 
-def bench_sampling(s: dict[str, int], device: str, new_tokens: int) -> None:
+def bench_sampling(s: dict[str, int], device: str, new_tokens: int, repeats: int = 3) -> None:
+    """Generation tokens/s with and without the KV cache: the median of `repeats` runs each, taking turns."""
     runner = MinigptRunner(s, device)
     prompt = np.zeros((1, 1), dtype=np.int64)
-    print(f"\nsampling: batch 1, {new_tokens} new tokens, block {s['block_size']}")
-    rates = {}
-    for use_cache in (True, False):
-        t0 = time.perf_counter()
-        runner.model.generate(prompt, new_tokens, temperature=1.0, seed=0, use_cache=use_cache)
-        dt = time.perf_counter() - t0
-        rates[use_cache] = new_tokens / dt
-        print(f"  {'KV cache' if use_cache else 'no cache':<9} {new_tokens / dt:10,.0f} tokens/s  ({dt:.2f} s)")
+    print(f"\nsampling: batch 1, {new_tokens} new tokens, block {s['block_size']}, median of {repeats} runs")
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats):
+        for use_cache in (True, False):
+            t0 = time.perf_counter()
+            runner.model.generate(prompt, new_tokens, temperature=1.0, seed=0, use_cache=use_cache)
+            seconds[use_cache].append(time.perf_counter() - t0)
+    rates = {use_cache: new_tokens / float(np.median(times)) for use_cache, times in seconds.items()}
+    for use_cache, rate in rates.items():
+        print(f"  {'KV cache' if use_cache else 'no cache':<9} {rate:10,.0f} tokens/s  ({new_tokens / rate:.2f} s)")
     print(f"  cache speed-up: {rates[True] / rates[False]:.1f}x")
 
 
