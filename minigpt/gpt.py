@@ -14,7 +14,7 @@ import numpy as np
 
 from minigpt import functional as F
 from minigpt import nn
-from minigpt.autograd import Tensor, fused
+from minigpt.autograd import Tensor, fused, parallel
 from minigpt.autograd.backend import get_array_module, is_array, to_numpy
 from minigpt.errors import UserError
 
@@ -244,13 +244,14 @@ class GPT(nn.Module):
                 if tokens.shape[1] - start > block:
                     # The window is full: slide it, keeping the last half, and rebuild the cache.
                     start, cache = tokens.shape[1] - max(1, block // 2), None
-                if not use_cache:
-                    logits = self._next_logits(tokens[:, start:])
-                elif cache is None:
-                    cache = KVCache(self.config, tokens.shape[0], self.lm_head.weight.data)
-                    logits = self._next_logits(tokens[:, start:], cache)
-                else:
-                    logits = self._next_logits(tokens[:, -1:], cache)
+                with parallel.blas_threads():  # per step: the caller's code between yields keeps our threads
+                    if not use_cache:
+                        logits = self._next_logits(tokens[:, start:])
+                    elif cache is None:
+                        cache = KVCache(self.config, tokens.shape[0], self.lm_head.weight.data)
+                        logits = self._next_logits(tokens[:, start:], cache)
+                    else:
+                        logits = self._next_logits(tokens[:, -1:], cache)
                 nxt = sample_next(to_numpy(logits), rng, temperature, top_k, top_p, vocab_limit)
                 tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
                 yield nxt

@@ -153,3 +153,20 @@ def test_nested_and_concurrent_dispatch_run_serially_instead_of_deadlocking(spli
     assert len(results) == 4
     for r in results:
         np.testing.assert_allclose(r, a @ b, rtol=1e-12)
+
+
+@needs_threads
+def test_blas_threads_lends_the_threads_to_blas_and_takes_them_back():
+    threads = parallel.get_num_threads()
+    parallel.set_num_threads(2)
+    try:
+        with parallel.blas_threads():
+            assert parallel.get_num_threads() == 1  # minigpt's pool idles: no split inside
+            a = rng.standard_normal((300, 200))
+            np.testing.assert_allclose(parallel.matmul(a, a.T), a @ a.T, rtol=1e-12)
+        assert parallel.get_num_threads() == 2
+        with pytest.raises(KeyError), parallel.blas_threads():
+            raise KeyError("restored even so")
+        assert parallel.get_num_threads() == 2
+    finally:
+        parallel.set_num_threads(threads)
