@@ -1,8 +1,10 @@
 """CPU threads: split GEMMs and row blocks give NumPy's results, and the fused ops stay exact under them."""
 
+import os
 import resource
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -170,3 +172,24 @@ def test_blas_threads_lends_the_threads_to_blas_and_takes_them_back():
         assert parallel.get_num_threads() == 2
     finally:
         parallel.set_num_threads(threads)
+
+
+@needs_threads
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_child_gets_workers_of_its_own(split_everything):
+    a = rng.standard_normal((64, 32))
+    expected = a @ a.T
+    np.testing.assert_allclose(parallel.matmul(a, a.T), expected, rtol=1e-12)  # the parent's workers run
+    pid = os.fork()
+    if pid == 0:  # the child: without new workers this split would wait forever
+        ok = np.allclose(parallel.matmul(a, a.T), expected, rtol=1e-12)
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    pytest.fail("the forked child hung in a split matmul")

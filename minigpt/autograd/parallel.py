@@ -83,14 +83,31 @@ class _Worker:
         self.go.release()
 
     def wait(self) -> None:
-        self.done.acquire()
+        interrupted = None
+        while True:  # a Ctrl-C must not leave the worker's job unaccounted for: wait, then raise it
+            try:
+                self.done.acquire()
+                break
+            except KeyboardInterrupt as e:
+                interrupted = e
         error, self.error = self.error, None
+        if interrupted is not None:
+            raise interrupted
         if error is not None:
             raise error
 
 
 _local = threading.local()  # in_worker: a task that dispatches again runs its tasks itself
 _dispatch = threading.Lock()  # one dispatcher at a time: a second (another user thread) runs serially
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the forking thread: start its own workers (and a free dispatch lock)."""
+    global _dispatch
+    _dispatch = threading.Lock()
+    _workers.clear()
+    if _num_threads > 1:
+        set_num_threads(_num_threads)
 
 
 _workers: list[_Worker] = []
@@ -247,3 +264,5 @@ def map_row_blocks(kernel: Any, *arrays: Any, **constants: Any) -> list[Any]:
 
 
 set_num_threads(_default_threads())
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
