@@ -99,11 +99,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout, rng=dropout_rng)
         self.dropout_rng = dropout_rng
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
-        if cache is not None:  # generation builds no graph: the cached attention runs on raw arrays
-            return self.resid_dropout(self.c_proj(Tensor(attend(self.c_attn(x).data, nh, cache, layer))))
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.reshape(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.reshape(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -135,8 +133,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config, rng, dropout_rng)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -170,30 +168,27 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 p.data[...] = rng.normal(0.0, 0.02 / math.sqrt(2 * config.n_layer), p.shape)
 
-    def forward(self, idx: Any, targets: Any = None, cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Any, targets: Any = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) and the mean cross-entropy against targets (ignore_index=-1).
 
         Without targets only the last position's logits are computed: (B, 1, vocab).
-        With a cache, idx holds only the new tokens; their positions continue from the cache.
+        Generation runs the same model through _next_logits (plain arrays, a KV cache).
         """
         ids = idx.data if isinstance(idx, Tensor) else idx if is_array(idx) else np.asarray(idx)
         B, T = ids.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
         tok_emb = self.transformer.wte(ids)  # (B, T, C)
         if self.config.pos_encoding == "learned":
-            pos_emb = self.transformer.wpe(np.arange(start, start + T))  # (T, C)
+            pos_emb = self.transformer.wpe(np.arange(T))  # (T, C)
         else:
-            pos_emb = self.pos_table[start : start + T]  # (T, C), a constant
+            pos_emb = self.pos_table[:T]  # (T, C), a constant
         x = self.transformer.drop(tok_emb + pos_emb)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
-        if cache is not None:
-            cache.length += T
+        for block in self.transformer.h:
+            x = block(x)
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, -1:, :]), None  # (B, 1, vocab): all generation needs
+            return self.lm_head(x[:, -1:, :]), None  # (B, 1, vocab), as nanoGPT's inference path
         logits = self.lm_head(x)  # (B, T, vocab)
         return logits, F.cross_entropy(logits, targets, ignore_index=-1)
 

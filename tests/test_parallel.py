@@ -193,3 +193,13 @@ def test_a_forked_child_gets_workers_of_its_own(split_everything):
         time.sleep(0.05)
     os.kill(pid, 9)
     pytest.fail("the forked child hung in a split matmul")
+
+
+def test_adamw_updates_a_scalar_parameter():
+    from minigpt import nn, optim
+
+    p = nn.Parameter(np.array(1.0, dtype=np.float32))
+    opt = optim.AdamW([p], lr=0.1, weight_decay=0.0)
+    p.grad = np.array(2.0, dtype=np.float32)
+    opt.step()
+    np.testing.assert_allclose(p.data, 0.9, rtol=1e-6)  # Adam's first step moves by lr against the gradient's sign
