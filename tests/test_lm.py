@@ -212,3 +212,19 @@ def test_sample_errors(tmp_path, text_file, capsys):
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a checkpoint at all")
     assert "garbage.npz" in expect_exit_2(capsys, sample_script.main, "--ckpt", str(garbage))
+
+
+@pytest.mark.parametrize("vs_torch", [False, True])
+def test_bench_train_smoke(tmp_path, vs_torch):
+    if vs_torch:
+        pytest.importorskip("torch")
+    tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "2"]
+    args = [*tiny, "--vocab-size", "11", "--steps", "2", "--warmup", "1", "--rounds", "1"]
+    args += ["--sample", "--sample-tokens", "12"]
+    bench = run_script("bench_train.py", *args, *(["--vs-torch"] if vs_torch else []), cwd=tmp_path)
+    assert bench.returncode == 0, bench.stderr
+    assert "minigpt  step" in bench.stdout and "cache speed-up" in bench.stdout
+    # the same weights and batches: both engines print the same first loss
+    losses = [line.split("loss ")[-1].split(" ->")[0] for line in bench.stdout.splitlines() if "| loss " in line]
+    assert len(losses) == (2 if vs_torch else 1) and len(set(losses)) == 1
+    assert ("throughput ratio" in bench.stdout) == vs_torch
