@@ -207,6 +207,7 @@ def _splits(n: int, parts: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------- GEMMs
 
 MIN_SLICE_ROWS = 256  # thinner row slices lose GEMM efficiency (measured at config S: 2 slices of 384 beat 4)
+MIN_SLICE_FLOOR = 32  # on many cores, no slice thinner than this
 MIN_SPLIT_FLOPS = 2e7  # below this a GEMM runs whole: a thread hand-off costs ~50 µs on this VM
 
 
@@ -229,7 +230,10 @@ def matmul(a: Any, b: Any, out: Any = None) -> Any:
         spans = _splits(a.shape[0], a.shape[0])  # one task per batch entry
         tasks = [lambda s=s, e=e: np.matmul(a[s:e], b[s:e], out=out[s:e]) for s, e in spans]
     else:
-        slices = 2 * parts if rows >= 2 * parts * MIN_SLICE_ROWS else parts  # a multiple of the threads
+        # two slices per thread where they stay MIN_SLICE_ROWS thick, else one (MIN_SLICE_FLOOR rows at least)
+        slices = 2 * parts if rows >= 2 * parts * MIN_SLICE_ROWS else min(parts, rows // MIN_SLICE_FLOOR)
+        if slices < 2:
+            return np.matmul(a, b, out=out)
         spans = _splits(rows, slices)  # row slices of a (and out)
         tasks = [lambda s=s, e=e: np.matmul(a[..., s:e, :], b, out=out[..., s:e, :]) for s, e in spans]
     run_parallel(tasks)
