@@ -237,7 +237,7 @@ def child_main(args: argparse.Namespace, s: dict[str, int]) -> None:
     if args.child == "torch":
         import torch
 
-        torch.set_num_threads(threads_of())
+        torch.set_num_threads(parallel.get_num_threads())  # as many threads as minigpt uses
         weights = runner.model.state_dict()
         del runner  # only the PyTorch model's memory counts
         runner = TorchRunner(s, args.device, weights, args.tf32)
@@ -251,10 +251,6 @@ def child_main(args: argparse.Namespace, s: dict[str, int]) -> None:
         losses.append(float(loss.item()))
     gpu = {"gpu_mb": peak_gpu_mb(args.child)} if args.device == "cuda" else {}
     print(json.dumps({"times": times, "losses": losses, "peak_rss_mb": peak_rss_mb(), **gpu}))
-
-
-def threads_of() -> int:
-    return int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
 
 
 def settings(args: argparse.Namespace) -> dict[str, int]:
@@ -304,7 +300,7 @@ def main() -> None:
         return
 
     tokens = s["batch_size"] * s["block_size"]
-    print(f"config {args.config or 'S'}: {s}, {threads_of()} threads, device {args.device}")
+    print(f"config {args.config or 'S'}: {s}, {parallel.get_num_threads()} threads, device {args.device}")
     n, lib = (8192, "CuPy/cuBLAS") if args.device == "cuda" else (2048, "NumPy")
     peak = gemm_peak_gflops(n, device=args.device)
     tf32 = " (TF32)" if args.tf32 and args.device == "cuda" else ""
