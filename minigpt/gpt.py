@@ -31,6 +31,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False
     pos_encoding: str = "learned"  # "learned" (GPT-2's wpe) or "sinusoidal" (a fixed table)
+    gelu: str = "tanh"  # the MLP's GELU: "tanh" (GPT-2's approximation) or "none" (exact erf form, nanoGPT's)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -46,6 +47,8 @@ class GPTConfig:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.pos_encoding not in POS_ENCODINGS:
             raise UserError(f"pos_encoding must be one of {', '.join(POS_ENCODINGS)}, got {self.pos_encoding!r}")
+        if self.gelu not in fused.GELU_APPROXIMATIONS:
+            raise UserError(f"gelu must be one of {', '.join(fused.GELU_APPROXIMATIONS)}, got {self.gelu!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,9 +121,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias, rng=rng)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias, rng=rng)
         self.dropout = nn.Dropout(config.dropout, rng=dropout_rng)
+        self.gelu = config.gelu
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu)))
 
 
 class Block(nn.Module):
@@ -209,7 +213,8 @@ class GPT(nn.Module):
         for layer, block in enumerate(t.h):
             qkv = _linear(block.attn.c_attn, _layer_norm(block.ln_1, x))
             x = x + _linear(block.attn.c_proj, attend(qkv, block.attn.n_head, cache, layer))
-            x = x + _linear(block.mlp.c_proj, fused.Gelu().forward(_linear(block.mlp.c_fc, _layer_norm(block.ln_2, x))))
+            h = fused.Gelu().forward(_linear(block.mlp.c_fc, _layer_norm(block.ln_2, x)), block.mlp.gelu)
+            x = x + _linear(block.mlp.c_proj, h)
         if cache is not None:
             cache.length += T
         return _linear(self.lm_head, _layer_norm(t.ln_f, x[:, -1, :]))

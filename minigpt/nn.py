@@ -508,10 +508,14 @@ class ReLU(Module):
 
 
 class GELU(Module):
-    """GELU, tanh approximation (GPT-2's)."""
+    """GELU as torch.nn.GELU: exact (approximate="none") or GPT-2's tanh form (approximate="tanh")."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        self.approximate = approximate
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(x)
+        return F.gelu(x, approximate=self.approximate)
 
 
 class Sigmoid(Module):

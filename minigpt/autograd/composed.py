@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from minigpt.autograd import ops
+from minigpt.autograd.fused import normal_cdf
 from minigpt.autograd.tensor import Tensor
 
 
@@ -44,7 +45,12 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float
     return out if bias is None else out + bias
 
 
-def gelu(x: Tensor) -> Tensor:
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    if approximate == "none":  # x Φ(x); Φ has no primitive, so its value enters as a constant and its
+        # derivative, the normal pdf, through a term that is 0 in value: (x - x.detach()) x φ(x)
+        cdf = Tensor(normal_cdf(x.data))
+        x_pdf = Tensor(x.data * np.exp(-0.5 * x.data * x.data) / math.sqrt(2 * math.pi))
+        return x * cdf + (x - x.detach()) * x_pdf
     return 0.5 * x * (1 + (math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)).tanh())
 
 

@@ -180,7 +180,10 @@ class LayerNorm(Function):
 def _layer_norm_rows(x, out, xhat, rstd, w, b, eps):
     """One block of rows: x̂ = (x - mean) / sqrt(var + eps); out = x̂ w + b."""
     xp = get_array_module(x)
-    xp.subtract(x, _row_mean(x), out=xhat)
+    # Centre on each row's first value before taking the mean: an all-equal row is then exactly 0
+    # (a mean of equal float32 values by a GEMV is off by an ulp, which 1/sqrt(eps) would magnify).
+    xp.subtract(x, x[:, :1], out=xhat)
+    xhat -= _row_mean(xhat)
     var = xp.einsum("ij,ij->i", xhat, xhat)[:, None] if xp is np else (xhat * xhat).sum(axis=-1, keepdims=True)
     xp.divide(1.0, xp.sqrt(var * (1.0 / x.shape[-1]) + eps), out=rstd)
     xhat *= rstd
@@ -220,13 +223,24 @@ def _layer_norm_backward_rows(g, xhat, rstd, gx, w, need):
 
 _GELU_K = math.sqrt(2.0 / math.pi)
 _GELU_C = 0.044715
+_GELU_CLIP = 10.0  # beyond ±10, tanh(√(2/π)(x + 0.044715 x³)) is ±1 even in float64: clip x³ before it overflows
+GELU_APPROXIMATIONS = ("tanh", "none")
 
 
 class Gelu(Function):
-    """GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))."""
+    """GELU. approximate="tanh" (GPT-2): 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)));
+    approximate="none" (exact, nanoGPT and torch.nn.GELU's default): x Φ(x), Φ the normal CDF.
 
-    def forward(self, x):
+    Saves x and t (the tanh, or Φ(x) for the exact form): the backward needs no transcendental but
+    exp(-x²/2).
+    """
+
+    def forward(self, x, approximate="tanh"):
         xp = get_array_module(x)
+        self.approximate = approximate
+        if approximate == "none":
+            self.x, self.t = x, normal_cdf(x)
+            return x * self.t
         if xp is not np and kernels_cuda.enabled(x.dtype):  # CUDA kernel; array twin below
             out, self.t = kernels_cuda.gelu_forward(x)
             self.x = x
@@ -239,42 +253,94 @@ class Gelu(Function):
 
     def backward(self, g):
         x, t = self.x, self.t
-        if get_array_module(g) is not np and kernels_cuda.enabled(g.dtype):  # CUDA kernel; array twin below
+        xp = get_array_module(g)
+        if self.approximate == "none":  # d/dx x Φ(x) = Φ(x) + x φ(x)
+            xc = xp.clip(x, -40.0, 40.0)  # φ is 0 beyond (in float64 too); x² cannot overflow
+            gx = xp.exp(xc * xc * -0.5) * xc
+            gx *= 1.0 / math.sqrt(2.0 * math.pi)
+            gx += t
+            gx *= g
+            return gx
+        if xp is not np and kernels_cuda.enabled(g.dtype):  # CUDA kernel; array twin below
             return kernels_cuda.gelu_backward(g, x, t)
-        gx = get_array_module(g).empty_like(g)
+        gx = xp.empty_like(g)
         map_row_blocks(_gelu_backward_rows, *(a.reshape(-1, a.shape[-1]) for a in (x, t, g, gx)))
         return gx
 
 
 def _gelu_rows(x, out, t):
-    """One block: t = tanh(√(2/π) (x + 0.044715 x³)), out = 0.5 x (1 + t)."""
+    """One block: t = tanh(√(2/π) (x + 0.044715 x³)), out = x (0.5 + 0.5 t)."""
     xp = get_array_module(x)
-    xp.multiply(x, x, out=t)
-    t *= _GELU_C
-    t += 1
-    t *= x
+    xp.clip(x, -_GELU_CLIP, _GELU_CLIP, out=t)
+    cube = t * t
+    cube *= _GELU_C
+    cube += 1
+    t *= cube
     t *= _GELU_K
     xp.tanh(t, out=t)
-    xp.add(t, 1, out=out)
+    xp.multiply(t, 0.5, out=out)  # x (0.5 + 0.5 t): no 2x on the way to overflow at x ~ 3e38
+    out += 0.5
     out *= x
-    out *= 0.5
 
 
 def _gelu_backward_rows(x, t, g, gx):
-    """One block: gx = g (0.5 (1 + t) + 0.5 x (1 - t²) √(2/π) (1 + 3·0.044715 x²))."""
+    """One block: gx = g (0.5 (1 + t) + 0.5 x (1 - t²) √(2/π) (1 + 3·0.044715 x²)).
+
+    x is clipped where 1 - t² is 0 anyway, so the polynomial never overflows into inf·0 = NaN."""
     xp = get_array_module(x)
-    xp.multiply(x, x, out=gx)
-    gx *= 3 * _GELU_C
-    gx += 1
-    gx *= x
+    xp.clip(x, -_GELU_CLIP, _GELU_CLIP, out=gx)
+    tmp = gx * gx  # block-sized temporaries stay in cache
+    tmp *= 3 * _GELU_C
+    tmp += 1
+    gx *= tmp
     gx *= 0.5 * _GELU_K
-    tmp = t * t  # block-sized temporaries stay in cache
+    xp.multiply(t, t, out=tmp)
     xp.subtract(1, tmp, out=tmp)
     gx *= tmp
     xp.add(t, 1, out=tmp)
     tmp *= 0.5
     gx += tmp
     gx *= g
+
+
+def normal_cdf(x: Any) -> Any:
+    """Φ(x) = erfc(-x/√2) / 2 elementwise, in x's dtype, to float64 accuracy (relative, also in the tails)."""
+    xp = get_array_module(x)
+    z = x.astype(np.float64) * -math.sqrt(0.5)
+    if xp is not np:  # CuPy ships erfc as a kernel
+        import cupyx.scipy.special
+
+        return (cupyx.scipy.special.erfc(z) * 0.5).astype(x.dtype)
+    return (erfc(z) * 0.5).astype(x.dtype)
+
+
+_ERF_SERIES_TERMS = 40  # |z| < 2: the last term is below 1e-19
+_ERFC_FRACTION_DEPTH = 40  # |z| >= 2: converged to float64 (measured against math.erfc)
+
+
+def erfc(z: np.ndarray) -> np.ndarray:
+    """erfc of a float64 array, to ~3e-13 relative error everywhere (math.erfc as a ufunc).
+
+    NumPy has no erf, and SciPy would be a large dependency for one function. Two textbook
+    expansions cover the line: the Maclaurin series of erf for |z| < 2 (little cancellation there:
+    erfc >= 0.0047), and the continued fraction erfc(z) = exp(-z²)/√π / (z + ½/(z + 1/(z + 3/2/(z + …))))
+    for |z| >= 2, which keeps its relative accuracy deep into the tail; erfc(-z) = 2 - erfc(z).
+    """
+    a = np.minimum(np.abs(z), 30.0)  # erfc(30) underflows to 0: no larger z is needed
+    small = np.minimum(a, 2.0)
+    s2, term = small * small, small.copy()
+    series = small.copy()  # erf(small) = 2/√π Σ (-1)^n small^(2n+1) / (n! (2n+1))
+    for n in range(1, _ERF_SERIES_TERMS):
+        term *= s2 * (-1.0 / n)
+        series += term * (1.0 / (2 * n + 1))
+    series *= 2.0 / math.sqrt(math.pi)
+    large = np.maximum(a, 2.0)
+    fraction = large.copy()
+    for k in range(_ERFC_FRACTION_DEPTH, 0, -1):
+        fraction = large + (0.5 * k) / fraction
+    tail = np.exp(-large * large) * (1.0 / math.sqrt(math.pi)) / fraction
+    result = np.where(a < 2.0, 1.0 - series, tail)
+    return np.where(z < 0, 2.0 - result, result)
 
 
 class Embedding(Function):
@@ -461,8 +527,11 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float
     return LayerNorm.apply(*args, eps=eps)
 
 
-def gelu(x: Tensor) -> Tensor:
-    return Gelu.apply(x)
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """GELU as torch.nn.functional.gelu: the exact x Φ(x) by default, or approximate="tanh" (GPT-2's form)."""
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f'gelu: approximate must be "none" or "tanh", got {approximate!r}')
+    return Gelu.apply(x, approximate=approximate)
 
 
 def embedding(ids: Any, weight: Tensor) -> Tensor:

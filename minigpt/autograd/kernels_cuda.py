@@ -46,6 +46,7 @@ _MAX_BLOCK = 256  # threads per row block; the shared buffers below are this lon
 
 _GELU_K = math.sqrt(2.0 / math.pi)  # the constants of fused.Gelu
 _GELU_C = 0.044715
+_GELU_CLIP = 10.0
 
 _elementwise_cache: dict[str, Any] = {}
 _row_cache: dict[tuple[str, str], Any] = {}
@@ -69,9 +70,10 @@ _ELEMENTWISE: dict[str, tuple[str, str, str]] = {
         "T x",
         "T out, T t",
         f"""
-        T u = ((x * x * (T){_GELU_C!r} + (T)1) * x) * (T){_GELU_K!r};
+        const T xc = min(max(x, (T)-{_GELU_CLIP!r}), (T){_GELU_CLIP!r});  // x^3 cannot overflow; t is ±1 beyond
+        T u = ((xc * xc * (T){_GELU_C!r} + (T)1) * xc) * (T){_GELU_K!r};
         t = tanh(u);
-        out = (t + (T)1) * x * (T)0.5;
+        out = (t * (T)0.5 + (T)0.5) * x;
         """,
     ),
     # fused.Gelu.backward: g * (0.5 (1 + t) + 0.5 x (1 - t^2) K (1 + 3 C x^2))
@@ -79,7 +81,8 @@ _ELEMENTWISE: dict[str, tuple[str, str, str]] = {
         "T x, T t, T g",
         "T gx",
         f"""
-        T inner = ((x * x * (T){3 * _GELU_C!r} + (T)1) * x) * (T){0.5 * _GELU_K!r};
+        const T xc = min(max(x, (T)-{_GELU_CLIP!r}), (T){_GELU_CLIP!r});  // no inf * 0 where 1 - t^2 is 0
+        T inner = ((xc * xc * (T){3 * _GELU_C!r} + (T)1) * xc) * (T){0.5 * _GELU_K!r};
         inner = inner * ((T)1 - t * t) + (T)0.5 * (t + (T)1);
         gx = inner * g;
         """,
@@ -195,9 +198,11 @@ extern "C" __global__ void minigpt_layer_norm_fwd(
     __shared__ real sh[256];
     const long long base = (long long)blockIdx.x * ncol;
     const real* xr = x + base;
+    // centred on the row's first value, so an all-equal row has mean exactly x0 and variance 0
+    const real x0 = xr[0];
     real s = 0;
-    for (int j = threadIdx.x; j < ncol; j += blockDim.x) s += xr[j];
-    const real mean = block_sum(s, sh) / (real)ncol;
+    for (int j = threadIdx.x; j < ncol; j += blockDim.x) s += xr[j] - x0;
+    const real mean = x0 + block_sum(s, sh) / (real)ncol;
     real s2 = 0;
     for (int j = threadIdx.x; j < ncol; j += blockDim.x) {
         const real d = xr[j] - mean;
