@@ -14,7 +14,7 @@ from minigpt.lm import RunConfig, load_model, train_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-FALLBACK_TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
+FALLBACK_TEXT = "".join(f"Line {i}: The quick brown fox jumps over the lazy dog.\n" for i in range(400))
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import sample as sample_script  # noqa: E402
