@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import minigpt
-from minigpt.autograd import gradcheck, no_grad
+from minigpt.autograd import backend, gradcheck, no_grad
 
 rng = np.random.default_rng(0)
 
@@ -168,6 +168,17 @@ def test_getitem_integer_arrays_with_repeats_scatter_add():
     x.grad = None
     x[idx].sum().backward()
     np.testing.assert_allclose(x.grad[:, 0], [3, 0, 2, 0, 1])
+
+
+@pytest.mark.parametrize("n_rows", [5, 600])  # a one-hot GEMM, and sorted segment sums (NumPy); scatter-add (CuPy)
+def test_index_add_rows_sums_repeated_ids(xp, n_rows):
+    ids = xp.asarray([0, 2, 2, 4, 0, 0] * 100)
+    values = xp.asarray(np.arange(600 * 3, dtype=np.float64).reshape(600, 3))
+    out = backend.index_add_rows(n_rows, ids, values)
+    assert backend.get_array_module(out) is xp and out.shape == (n_rows, 3)
+    expected = np.zeros((n_rows, 3))
+    np.add.at(expected, backend.to_numpy(ids), backend.to_numpy(values))
+    np.testing.assert_allclose(backend.to_numpy(out), expected)
 
 
 def test_cat_stack_split_gradcheck():

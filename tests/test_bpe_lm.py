@@ -16,10 +16,6 @@ from minigpt.lm import RunConfig, build_tokenizer, load_model, model_vocab_size,
 from minigpt.tokenizers import BPETokenizer, padded_vocab_size
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
-TIKTOKEN_CACHE = SHARED_DATA / "tiktoken_cache"
-FALLBACK_TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(800))
 UNICODE_TEXT = "日本語のテキストです。 naïve café 😀🎉 Ωμέγα. 中文字符，漢字。 🚀 ok\n" * 40
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -27,20 +23,6 @@ import sample as sample_script  # noqa: E402
 import train_gpt as train_script  # noqa: E402
 
 SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4"]
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "input.txt"
-    path.write_text(SHAKESPEARE.read_text()[:40_000] if SHAKESPEARE.exists() else FALLBACK_TEXT)
-    return path
-
-
-@pytest.fixture
-def gpt2_cache(monkeypatch):
-    if not TIKTOKEN_CACHE.is_dir():
-        pytest.skip("shared tiktoken cache absent")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
 
 
 def train_args(out_dir, data, *extra):
@@ -144,7 +126,7 @@ def test_sampling_never_emits_a_padding_id():
     assert_never_samples_padding(model, tokenizer)
 
 
-def test_gpt2_train_then_sample(tmp_path, text_file, gpt2_cache, capsys):
+def test_gpt2_train_then_sample(tmp_path, text_file, tiktoken_cache, capsys):
     out = tmp_path / "out"
     tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "2"]
     argv = ["--tokenizer", "gpt2", "--max-iters", "3", "--eval-interval", "3", "--sample-tokens", "5", *tiny]
@@ -218,7 +200,7 @@ def load_prepare_script():
     return module
 
 
-def test_shakespeare_prepare_on_a_small_file(tmp_path, gpt2_cache, capsys):
+def test_shakespeare_prepare_on_a_small_file(tmp_path, tiktoken_cache, capsys):
     data = tmp_path / "small.txt"
     data.write_text("Hello world\n" * 50)
     load_prepare_script().main(["--data", str(data), "--out-dir", str(tmp_path / "prepared")])

@@ -8,9 +8,8 @@ import pytest
 
 import minigpt
 from minigpt import functional as F
-from minigpt.autograd.backend import cuda_available
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="needs CuPy and an NVIDIA GPU")]
+pytestmark = pytest.mark.gpu  # skipped without CuPy and a GPU (tests/conftest.py)
 
 rng = np.random.default_rng(0)
 IDS = rng.integers(0, 7, size=(2, 5))

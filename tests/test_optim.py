@@ -247,7 +247,6 @@ def test_schedule_sets_group_lr_and_training_moves_params() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not minigpt.cuda_available(), reason="needs CuPy and a GPU")
 def test_adamw_on_cuda_matches_cpu_and_follows_model_moves() -> None:
     cpu, gpu = _model(), _model().to("cuda")
     opt_cpu, opt_gpu = optim.AdamW(cpu.parameters(), lr=0.01), optim.AdamW(gpu.parameters(), lr=0.01)

@@ -1,4 +1,4 @@
-"""Tokenizers: char, tiktoken (GPT-2 from the shared offline cache) and our own byte-level BPE."""
+"""Tokenizers: char, tiktoken (GPT-2 from the shared offline cache, CI only) and our own byte-level BPE."""
 
 from __future__ import annotations
 
@@ -28,11 +28,6 @@ from minigpt.tokenizers import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TIKTOKEN_CACHE = SHARED_DATA / "tiktoken_cache"
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
-
-# Stand-in corpus when the shared Shakespeare file is absent: varied enough for a few hundred merges.
 PARAGRAPH = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
@@ -44,23 +39,8 @@ PARAGRAPH = (
 
 
 @pytest.fixture(scope="module")
-def corpus() -> str:
-    """~50 KB of real text to train on, and the next ~50 KB as unseen text."""
-    if SHAKESPEARE.is_file():
-        return SHAKESPEARE.read_text(encoding="utf-8")[:100_000]
-    return PARAGRAPH * 200
-
-
-@pytest.fixture(scope="module")
 def bpe(corpus: str) -> BPETokenizer:
     return BPETokenizer.train(corpus[:50_000], 400)
-
-
-@pytest.fixture
-def gpt2_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not TIKTOKEN_CACHE.is_dir():
-        pytest.skip("shared tiktoken cache absent")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
 
 
 def reference_encode(tok: BPETokenizer, text: str) -> list[int]:
@@ -122,7 +102,7 @@ def test_padded_vocab_size() -> None:
     assert padded_vocab_size(300, multiple=8) == 304
 
 
-def test_gpt2_known_ids(gpt2_cache: None) -> None:
+def test_gpt2_known_ids(tiktoken_cache: Path) -> None:
     tok = TiktokenTokenizer("gpt2")
     assert tok.encode("Hello world") == [15496, 995]
     assert (tok.vocab_size, tok.eot_token) == (50257, 50256)
@@ -132,9 +112,7 @@ def test_gpt2_known_ids(gpt2_cache: None) -> None:
     assert tok.decode(tok.encode(text)) == text
 
 
-def test_gpt2_uses_shared_cache_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not TIKTOKEN_CACHE.is_dir():
-        pytest.skip("shared tiktoken cache absent")
+def test_gpt2_uses_shared_cache_when_unset(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
     monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # force a fresh load from disk
@@ -210,6 +188,13 @@ def test_tiktoken_agrees_with_reference_encoder(corpus: str, pattern: str) -> No
     for text in (corpus[:50_000], corpus[50_000:]):  # seen and unseen text
         assert tok.encode(text) == reference_encode(tok, text)
     assert len(tok.encode(corpus)) < 0.7 * len(corpus.encode("utf-8"))  # it does compress
+
+
+def test_bpe_on_shakespeare_agrees_with_reference_encoder(shakespeare: str) -> None:
+    tok = BPETokenizer.train(shakespeare[:100_000], 512)
+    unseen = shakespeare[100_000:200_000]
+    assert tok.encode(unseen) == reference_encode(tok, unseen)
+    assert len(tok.encode(unseen)) < 0.6 * len(unseen.encode("utf-8"))
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -293,7 +278,7 @@ def test_to_dict_round_trip_char_and_bpe(bpe: BPETokenizer) -> None:
     assert d["ranks"][:2] == ["AA==", "AQ=="]  # base64 of bytes 0 and 1, in rank order
 
 
-def test_to_dict_round_trip_tiktoken(gpt2_cache: None) -> None:
+def test_to_dict_round_trip_tiktoken(tiktoken_cache: Path) -> None:
     tok = TiktokenTokenizer("gpt2")
     assert tok.to_dict() == {"kind": "tiktoken", "name": "gpt2"}
     back = _json_round_trip(tok)

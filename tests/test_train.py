@@ -267,7 +267,6 @@ def test_nothing_to_do_and_bad_arguments() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not minigpt.cuda_available(), reason="needs CuPy and a GPU")
 def test_cuda_training_reads_loss_per_window_and_catches_nan() -> None:
     x, y = _data()
     model = _model().to("cuda")

@@ -10,16 +10,29 @@ from typing import Any
 
 import numpy as np
 
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())  # CUDA errors read "cudaErrorInsufficientDriver: CUDA driver version is ..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+_GPU_PROBLEM = ""  # why the GPU cannot be used, in one line ("" when it can)
 try:  # CuPy is optional: `pip install -e ".[gpu]"`
     import cupy as _cupy
-
-    try:
-        _HAS_GPU = _cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # CuPy installed but no driver/device
-        _HAS_GPU = False
-except ImportError:
+except ImportError as e:
     _cupy = None
-    _HAS_GPU = False
+    missing = isinstance(e, ModuleNotFoundError) and e.name == "cupy"
+    _GPU_PROBLEM = 'CuPy is not installed: pip install -e ".[gpu]"' if missing else f"CuPy does not import: {_one_line(e)}"
+except Exception as e:  # an installed CuPy that cannot load its CUDA libraries
+    _cupy = None
+    _GPU_PROBLEM = f"CuPy does not import: {_one_line(e)}"
+else:
+    try:
+        if _cupy.cuda.runtime.getDeviceCount() == 0:
+            _GPU_PROBLEM = "CuPy sees no GPU"
+    except Exception as e:  # no driver, too old a driver, no device node
+        _GPU_PROBLEM = f"CuPy cannot reach a GPU: {_one_line(e)}"
+_HAS_GPU = not _GPU_PROBLEM
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 
@@ -29,10 +42,15 @@ def cuda_available() -> bool:
     return _HAS_GPU
 
 
+def cuda_unavailable_reason() -> str:
+    """Why `cuda_available()` is False, in one line (the real cause, e.g. cudaErrorInsufficientDriver); "" if it is True."""
+    return _GPU_PROBLEM
+
+
 def cupy_module() -> Any:
-    """The cupy module itself (for kernels); raises a clear error when it cannot be used."""
+    """The cupy module itself (for kernels); raises a clear one-line error, with the cause, when it cannot be used."""
     if not _HAS_GPU:
-        raise RuntimeError('device "cuda" needs CuPy and an NVIDIA GPU: pip install -e ".[gpu]"')
+        raise RuntimeError(f'device "cuda" needs CuPy and an NVIDIA GPU; {_GPU_PROBLEM}')
     return _cupy
 
 

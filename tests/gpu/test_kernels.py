@@ -15,11 +15,10 @@ import pytest
 
 import minigpt
 from minigpt.autograd import backend, fused, kernels_cuda
-from minigpt.autograd.backend import cuda_available
 from minigpt.gpt import GPT, GPTConfig
 from minigpt.optim import AdamW, clip_grad_norm_
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="needs CuPy and an NVIDIA GPU")]
+pytestmark = pytest.mark.gpu  # skipped without CuPy and a GPU (tests/conftest.py)
 
 DTYPES = [np.float32, np.float64]
 TOL = {np.float32: 1e-5, np.float64: 1e-12}

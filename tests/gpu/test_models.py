@@ -16,11 +16,11 @@ import pytest
 
 import minigpt
 from minigpt import nn
-from minigpt.autograd.backend import cuda_available, to_numpy
+from minigpt.autograd.backend import to_numpy
 from minigpt.gpt import GPT, Block, CausalSelfAttention, GPTConfig
 from minigpt.lm import RunConfig, load_model, train_lm
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="needs CuPy and an NVIDIA GPU")]
+pytestmark = pytest.mark.gpu  # skipped without CuPy and a GPU (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = GPTConfig(vocab_size=37, block_size=12, n_layer=2, n_head=2, n_embd=16)
