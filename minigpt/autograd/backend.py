@@ -21,8 +21,10 @@ try:  # CuPy is optional: `pip install -e ".[gpu]"`
     import cupy as _cupy
 except ImportError as e:
     _cupy = None
-    missing = isinstance(e, ModuleNotFoundError) and e.name == "cupy"
-    _GPU_PROBLEM = 'CuPy is not installed: pip install -e ".[gpu]"' if missing else f"CuPy does not import: {_one_line(e)}"
+    if isinstance(e, ModuleNotFoundError) and e.name == "cupy":
+        _GPU_PROBLEM = 'CuPy is not installed: pip install -e ".[gpu]"'
+    else:  # CuPy is there but something it imports is not
+        _GPU_PROBLEM = f"CuPy does not import: {_one_line(e)}"
 except Exception as e:  # an installed CuPy that cannot load its CUDA libraries
     _cupy = None
     _GPU_PROBLEM = f"CuPy does not import: {_one_line(e)}"
@@ -43,7 +45,7 @@ def cuda_available() -> bool:
 
 
 def cuda_unavailable_reason() -> str:
-    """Why `cuda_available()` is False, in one line (the real cause, e.g. cudaErrorInsufficientDriver); "" if it is True."""
+    """Why `cuda_available()` is False, in one line with the real cause (e.g. cudaErrorInsufficientDriver); else ""."""
     return _GPU_PROBLEM
 
 
