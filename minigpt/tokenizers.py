@@ -15,10 +15,10 @@ import heapq
 import os
 import re
 import sys
+import tempfile
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import tiktoken
@@ -36,10 +36,6 @@ GPT4_PATTERN = (
 PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
 
 Pair = tuple[int, int]  # two adjacent token ids
-
-# The shared offline cache holds only the GPT-2 vocabulary files (see shared/data/README.md).
-SHARED_TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiktoken_cache"
-_SHARED_CACHE_ENCODINGS = ("gpt2", "r50k_base")
 
 
 def padded_vocab_size(n: int, multiple: int = 64) -> int:
@@ -130,53 +126,88 @@ class _TiktokenBacked(Tokenizer):
 
 
 @contextlib.contextmanager
-def _tiktoken_download_settings(cache_dir: str | None) -> Iterator[None]:
-    """Temporarily point tiktoken at `cache_dir` (if given) and give its downloads a timeout.
+def _download_timeout() -> Iterator[None]:
+    """Give tiktoken's downloads a timeout while an encoding loads.
 
     tiktoken fetches missing vocabulary files with `requests.get(url)` and no timeout, so a firewalled
     machine could wait minutes; it offers no setting, hence this short-lived patch.
     """
     import requests  # tiktoken's own download dependency
 
-    saved_env, saved_get = os.environ.get("TIKTOKEN_CACHE_DIR"), requests.get
-    if cache_dir is not None:
-        os.environ["TIKTOKEN_CACHE_DIR"] = cache_dir
+    saved_get = requests.get
     requests.get = functools.partial(saved_get, timeout=(5, 30))  # (connect, read) seconds
     try:
         yield
     finally:
         requests.get = saved_get
-        if cache_dir is not None and saved_env is None:
-            del os.environ["TIKTOKEN_CACHE_DIR"]
-        elif cache_dir is not None:
-            os.environ["TIKTOKEN_CACHE_DIR"] = saved_env
+
+
+def tiktoken_cache_dir() -> str:
+    """Where tiktoken keeps vocabulary files: TIKTOKEN_CACHE_DIR, else DATA_GYM_CACHE_DIR, else <tmp>/data-gym-cache."""
+    env = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    return env or os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def tiktoken_files(name: str) -> list[tuple[str, str]]:
+    """(cache file name, URL) of each file encoding `name` is built from; [] if tiktoken hides them.
+
+    tiktoken names a cached file by the SHA-1 of its URL. The URLs are read by running the encoding's
+    constructor with its two file loaders replaced by recorders (no file is read).
+    """
+    import hashlib
+
+    try:
+        tiktoken.list_encoding_names()  # fills the registry
+        constructor = tiktoken.registry.ENCODING_CONSTRUCTORS[name]  # type: ignore[index]
+    except (AttributeError, KeyError, TypeError):
+        return []
+    urls: list[str] = []
+
+    def record(*args: Any, **kwargs: Any) -> dict[bytes, int]:
+        urls.extend(a for a in (*args, *kwargs.values()) if isinstance(a, str) and "://" in a)
+        return {}
+
+    names = ("load_tiktoken_bpe", "data_gym_to_mergeable_bpe_ranks")
+    scope = getattr(constructor, "__globals__", {})
+    saved = {n: scope[n] for n in names if n in scope}
+    try:
+        scope.update({n: record for n in saved})
+        constructor()
+    except Exception:
+        return []
+    finally:
+        scope.update(saved)
+    return [(hashlib.sha1(url.encode()).hexdigest(), url) for url in urls]
+
+
+def _missing_files_message(name: str, cause: BaseException) -> str:
+    cache = tiktoken_cache_dir()
+    files = ", ".join(f"{key} ({url.rsplit('/', 1)[-1]})" for key, url in tiktoken_files(name))
+    return (
+        f"cannot load tiktoken encoding {name!r}: its files are not in the cache {cache} and the download failed "
+        f"({type(cause).__name__}); it needs {files or 'its vocabulary files'}. On a machine with a network run "
+        f"`TIKTOKEN_CACHE_DIR=tiktoken_cache python -c \"import tiktoken; tiktoken.get_encoding('{name}')\"`, "
+        "copy the tiktoken_cache folder here and set TIKTOKEN_CACHE_DIR to it"
+    )
 
 
 def _load_tiktoken(name: str) -> tiktoken.Encoding:
     known = tiktoken.list_encoding_names()
     if name not in known:
         raise UserError(f"unknown tiktoken encoding {name!r}; choose one of: {', '.join(known)}")
-    cache_dir = None
-    user_cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-    if not user_cache and name in _SHARED_CACHE_ENCODINGS and SHARED_TIKTOKEN_CACHE.is_dir():
-        cache_dir = str(SHARED_TIKTOKEN_CACHE)
     try:
-        with _tiktoken_download_settings(cache_dir):
+        with _download_timeout():
             return tiktoken.get_encoding(name)
     except (OSError, ValueError) as e:  # requests' errors are OSErrors; ValueError: a file's hash is wrong
-        raise UserError(
-            f"cannot load tiktoken encoding {name!r}: its files are not in the cache "
-            f"(TIKTOKEN_CACHE_DIR={cache_dir or user_cache or 'unset'}) and the download failed "
-            f"({type(e).__name__}); set TIKTOKEN_CACHE_DIR to a folder holding the cached files "
-            f"(for gpt2 and r50k_base: {SHARED_TIKTOKEN_CACHE})"
-        ) from None
+        raise UserError(_missing_files_message(name, e)) from None
 
 
 class TiktokenTokenizer(_TiktokenBacked):
     """A pretrained tiktoken encoding by name ("gpt2": 50,257 ids, "<|endoftext|>" = 50256).
 
-    Files come from TIKTOKEN_CACHE_DIR; when it is unset, the workspace's shared cache is used for gpt2 and
-    r50k_base. Only the end-of-text special token is recognised in text (see `_TiktokenBacked`).
+    Files come from tiktoken's cache (`tiktoken_cache_dir()`: TIKTOKEN_CACHE_DIR when set) or are downloaded
+    once; offline, the error names the files and how to fetch them. Only the end-of-text special token is
+    recognised in text (see `_TiktokenBacked`).
     """
 
     kind = "tiktoken"

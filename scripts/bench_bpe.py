@@ -1,7 +1,8 @@
 """Benchmark our byte-level BPE: training time, then encode/decode throughput of the trained tokenizer.
 
-Usage: `python scripts/bench_bpe.py` (4,096 tokens on Tiny Shakespeare), or with flags such as
-`--vocab-size 8192 --pattern gpt4 --path my.txt`.
+Usage: `python scripts/bench_bpe.py` (4,096 tokens on train_gpt.py's default text: Tiny Shakespeare,
+downloaded to data/shakespeare_char/ if needed), or with flags such as `--vocab-size 8192 --pattern gpt4
+--data my.txt`.
 """
 
 from __future__ import annotations
@@ -9,12 +10,10 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from minigpt.errors import UserError, cli_main
+from minigpt.data import resolve_corpus
+from minigpt.errors import cli_main
 from minigpt.tokenizers import BPETokenizer
-
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def best_time(fn: Callable[[], object], repeat: int) -> float:
@@ -30,15 +29,13 @@ def best_time(fn: Callable[[], object], repeat: int) -> float:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--path", type=Path, default=DEFAULT_TEXT, help="UTF-8 text (default: %(default)s)")
+    p.add_argument("--data", metavar="FILE", help="UTF-8 text file (default: train_gpt.py's default text)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--pattern", default="gpt2", help='"gpt2", "gpt4" or a regex in tiktoken syntax')
     p.add_argument("--repeat", type=int, default=3, help="timed runs of encode/decode; the best is shown")
     args = p.parse_args(argv)
-    if not args.path.is_file():
-        raise UserError(f"no text file at {args.path}; pass --path to a UTF-8 text file")
-    text = args.path.read_text(encoding="utf-8")
-    print(f"text: {args.path} ({len(text):,} chars)")
+    text, source = resolve_corpus(args.data)
+    print(f"text: {source}")
 
     t0 = time.perf_counter()
     tok = BPETokenizer.train(text, args.vocab_size, pattern=args.pattern)

@@ -24,6 +24,7 @@ from minigpt.tokenizers import (
     TiktokenTokenizer,
     compile_pattern,
     padded_vocab_size,
+    tiktoken_files,
     tokenizer_from_dict,
 )
 
@@ -103,6 +104,7 @@ def test_padded_vocab_size() -> None:
 
 
 def test_gpt2_known_ids(tiktoken_cache: Path) -> None:
+    assert {key for key, _ in tiktoken_files("gpt2")} <= {f.name for f in tiktoken_cache.iterdir()}
     tok = TiktokenTokenizer("gpt2")
     assert tok.encode("Hello world") == [15496, 995]
     assert (tok.vocab_size, tok.eot_token) == (50257, 50256)
@@ -110,14 +112,6 @@ def test_gpt2_known_ids(tiktoken_cache: Path) -> None:
     assert tok.encode(f"a{ENDOFTEXT}") == [64, 50256]
     text = f"x{ENDOFTEXT}<|fim_prefix|> é 中"
     assert tok.decode(tok.encode(text)) == text
-
-
-def test_gpt2_uses_shared_cache_when_unset(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
-    monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
-    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # force a fresh load from disk
-    assert TiktokenTokenizer("r50k_base").encode("Hello world") == [15496, 995]
-    assert "TIKTOKEN_CACHE_DIR" not in os.environ  # the setting was only temporary
 
 
 def test_tiktoken_missing_files_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,7 +126,12 @@ def test_tiktoken_missing_files_is_a_user_error(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget encodings loaded by other tests
     with pytest.raises(UserError, match="set TIKTOKEN_CACHE_DIR") as e:
         TiktokenTokenizer("gpt2")
-    assert "\n" not in str(e.value)
+    message = str(e.value)
+    assert "\n" not in message and str(tmp_path) in message and "shared" not in message
+    # the exact files (tiktoken names them by the SHA-1 of their URL) and the command that fetches them
+    assert "6d1cbeee0f20b3d9449abfede4726ed8212e3aee (vocab.bpe)" in message
+    assert "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6 (encoder.json)" in message
+    assert "tiktoken.get_encoding('gpt2')" in message
     with pytest.raises(UserError, match="unknown tiktoken encoding 'nope'"):
         TiktokenTokenizer("nope")
 

@@ -3,9 +3,9 @@
     python data/shakespeare/prepare.py                # Tiny Shakespeare (see below)
     python data/shakespeare/prepare.py --data my.txt  # any UTF-8 text file instead
 
-The text is input.txt here if present, else the workspace's shared copy (shared/data/tinyshakespeare.txt),
-else a download. The GPT-2 vocabulary files come from TIKTOKEN_CACHE_DIR or the shared tiktoken cache, so
-this runs offline. Writes train.bin, val.bin (uint16 token ids) and meta.json next to this file.
+The text is input.txt here if present, else a download (offline: Python standard-library source, as
+train_gpt.py). The GPT-2 vocabulary files come from tiktoken's cache (TIKTOKEN_CACHE_DIR) or a download;
+offline, the error names them. Writes train.bin, val.bin (uint16 token ids) and meta.json next to this file.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SHARED_SHAKESPEARE = HERE.parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 try:
     import minigpt  # noqa: F401  (normally installed with `pip install -e .`)
@@ -27,13 +26,6 @@ from minigpt.errors import cli_main  # noqa: E402
 from minigpt.tokenizers import TiktokenTokenizer  # noqa: E402
 
 
-def default_corpus() -> str | None:
-    """The shared Tiny Shakespeare when there is no input.txt here; None lets resolve_corpus decide."""
-    if not (HERE / "input.txt").exists() and SHARED_SHAKESPEARE.is_file():
-        return str(SHARED_SHAKESPEARE)
-    return None
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     tokenizer = TiktokenTokenizer("gpt2")  # first: a missing vocabulary fails before any reading
-    text, source = resolve_corpus(args.data or default_corpus(), download_dir=HERE)
+    text, source = resolve_corpus(args.data, download_dir=HERE)
     print(f"corpus: {source}")
     print(f"length of dataset in characters: {len(text):,}")
     meta = prepare(text, tokenizer, args.out_dir)
