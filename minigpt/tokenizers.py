@@ -14,13 +14,12 @@ import functools
 import heapq
 import os
 import re
-import sys
 import tempfile
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import regex
 import tiktoken
 
 from minigpt.errors import UserError
@@ -223,85 +222,17 @@ class TiktokenTokenizer(_TiktokenBacked):
         return {"kind": self.kind, "name": self.name}
 
 
-# ---- translating tiktoken's pre-split pattern to Python's `re` (for training only) ----
-# `re` has no \p{..} classes, so they are spelled out as code-point ranges from `unicodedata`; \s means
-# Unicode White_Space as in tiktoken's Rust regex, and `$` means end of text. Code points newer than
-# Python's Unicode database may split differently than in tiktoken: that only changes which merges are
-# learned, never correctness, since tiktoken does the splitting when encoding.
-_NO_POSSESSIVE = sys.version_info < (3, 11)  # possessive quantifiers (a++) arrived in Python 3.11
-_WHITE_SPACE = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-
-
 @functools.cache
-def _category_ranges() -> dict[str, tuple[tuple[int, int], ...]]:
-    """General category -> code-point ranges. Planes 4-13 and 15-16 are unassigned or private: skipped."""
-    ranges: dict[str, list[list[int]]] = {}
-    for cp in (*range(0x40000), *range(0xE0000, 0xF0000)):
-        r = ranges.setdefault(unicodedata.category(chr(cp)), [])
-        if r and r[-1][1] == cp - 1:
-            r[-1][1] = cp
-        else:
-            r.append([cp, cp])
-    return {cat: tuple((lo, hi) for lo, hi in r) for cat, r in ranges.items()}
+def compile_pattern(pattern: str) -> regex.Pattern[str]:
+    """A tiktoken pre-split pattern ("gpt2", "gpt4" or a pattern string), compiled for training.
 
-
-@functools.cache
-def _category_class_body(name: str) -> str:
-    """Ranges of \\p{name} (one- or two-letter general category) written as a `re` class body."""
-    ranges = sorted(r for cat, rs in _category_ranges().items() if cat.startswith(name) for r in rs)
-    if not ranges or len(name) > 2:
-        raise UserError(f"unsupported \\p{{{name}}} in the pattern; use general categories like L, N, Lu")
-    return "".join(f"\\U{lo:08x}" + ("" if lo == hi else f"-\\U{hi:08x}") for lo, hi in ranges)
-
-
-def _to_python_regex(pattern: str) -> str:
-    out: list[str] = []
-    in_class, i = False, 0
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\" and i + 1 < len(pattern):
-            nxt = pattern[i + 1]
-            if nxt in "pP":
-                m = re.match(r"\{(\w+)\}|(\w)", pattern[i + 2 :])
-                if m is None:
-                    raise UserError(f"malformed \\{nxt} at position {i} of the pattern")
-                body, i = _category_class_body(m.group(1) or m.group(2)), i + 2 + m.end()
-            elif nxt in "sS":
-                body, i = _WHITE_SPACE, i + 2
-            else:
-                out.append(pattern[i : i + 2])
-                i += 2
-                continue
-            negated = nxt in "PS"
-            if in_class and negated:
-                raise UserError(f"unsupported \\{nxt} inside [...] in the pattern")
-            out.append(body if in_class else f"[{'^' if negated else ''}{body}]")
-            continue
-        if in_class and ch == "]":
-            in_class = False
-        elif not in_class and ch == "[":
-            in_class = True
-            if pattern.startswith("^]", i + 1) or pattern.startswith("]", i + 1):  # a leading ] is literal
-                n = 3 if pattern[i + 1] == "^" else 2
-                out.append(pattern[i : i + n])
-                i += n
-                continue
-        elif not in_class and ch == "$":
-            ch = r"\Z"
-        elif not in_class and ch == "+" and _NO_POSSESSIVE and out and out[-1] in ("+", "*", "?", "}"):
-            ch = ""  # for the GPT patterns a greedy quantifier matches the same as the possessive one
-        out.append(ch)
-        i += 1
-    return "".join(out)
-
-
-@functools.cache
-def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """Python `re` version of a tiktoken pre-split pattern ("gpt2", "gpt4" or a pattern string)."""
+    The `regex` package reads tiktoken's syntax (\\p{L}, possessive quantifiers) as it is; tiktoken itself
+    does the splitting when encoding.
+    """
     try:
-        return re.compile(_to_python_regex(PATTERNS.get(pattern, pattern)))
-    except re.error as e:
-        raise UserError(f"the pre-split pattern does not compile with Python's re: {e}") from None
+        return regex.compile(PATTERNS.get(pattern, pattern))
+    except regex.error as e:
+        raise UserError(f"the pre-split pattern does not compile: {e}") from None
 
 
 def _valid_utf8_text(text: str) -> str:
