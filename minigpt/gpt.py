@@ -16,39 +16,39 @@ from minigpt import functional as F
 from minigpt import nn
 from minigpt.autograd import Tensor, fused, parallel
 from minigpt.autograd.backend import get_array_module, is_array, to_numpy
-from minigpt.errors import UserError
+from minigpt.config import InvalidSetting, check_fields, setting
 
 POS_ENCODINGS = ("learned", "sinusoidal")
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 65
-    block_size: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = False
-    pos_encoding: str = "learned"  # "learned" (GPT-2's wpe) or "sinusoidal" (a fixed table)
-    gelu: str = "tanh"  # the MLP's GELU: "tanh" (GPT-2's approximation) or "none" (exact erf form, nanoGPT's)
+    """The model's shape. Fields are declared with their help text and range (minigpt.config)."""
+
+    vocab_size: int = setting(65, "rows of the token embedding and output layer", low=0, low_open=True, cli=False)
+    block_size: int = setting(64, "context length in tokens", low=0, low_open=True)
+    n_layer: int = setting(4, "transformer blocks", low=0, low_open=True)
+    n_head: int = setting(4, "attention heads per block", low=0, low_open=True)
+    n_embd: int = setting(128, "embedding width", low=0, low_open=True)
+    dropout: float = setting(0.0, "dropout probability", low=0, high=1, high_open=True)
+    bias: bool = setting(False, "biases in Linear and LayerNorm layers")
+    pos_encoding: str = setting(
+        "learned", "positions: learned (GPT-2's wpe) or sinusoidal (a fixed table)", choices=POS_ENCODINGS
+    )
+    gelu: str = setting(
+        "tanh",
+        "the MLP's GELU: tanh (GPT-2's approximation) or none (the exact erf form, nanoGPT's)",
+        choices=fused.GELU_APPROXIMATIONS,
+    )
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise UserError(f"{name} must be a positive integer, got {value!r}")
+        check_fields(self)  # raises InvalidSetting, a ValueError
         if self.n_embd % self.n_head:
-            raise UserError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                f"e.g. --n-embd {self.n_embd // self.n_head * self.n_head or self.n_head}"
+            raise InvalidSetting(
+                "n_embd",
+                f"({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"e.g. --n-embd {self.n_embd // self.n_head * self.n_head or self.n_head}",
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.pos_encoding not in POS_ENCODINGS:
-            raise UserError(f"pos_encoding must be one of {', '.join(POS_ENCODINGS)}, got {self.pos_encoding!r}")
-        if self.gelu not in fused.GELU_APPROXIMATIONS:
-            raise UserError(f"gelu must be one of {', '.join(fused.GELU_APPROXIMATIONS)}, got {self.gelu!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -345,13 +345,13 @@ def _views_intact(flat: dict[str, Any], params: list[Tensor], states: list[dict[
 def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Any:
     """Scale all gradients in place so their global L2 norm is at most max_norm; returns the norm before.
 
-    A non-finite norm is returned as is and the gradients are left alone (the caller decides). On
-    the GPU the norm stays there, a 0-d CuPy array (PyTorch returns a tensor too): turning it into
-    a float would make the host wait for the GPU at every step.
+    The norm is a 0-d float64 array on the gradients' device, on every device (PyTorch returns a
+    tensor too): on the GPU, turning it into a float would make the host wait at every step.
+    A non-finite norm is returned as is and the gradients are left alone (the caller decides).
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
+        return np.zeros((), dtype=np.float64)
     xp = backend.get_array_module(grads[0])
     if xp is np:
         # dot of the flat gradient with itself: a sum of squares without a squared temporary
@@ -360,7 +360,7 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Any:
             scale = max_norm / (total + 1e-6)
             for g in grads:
                 g *= scale
-        return total
+        return np.asarray(total, dtype=np.float64)
     flat = xp.concatenate([g.ravel() for g in grads]) if len(grads) > 1 else grads[0].ravel()
     norm = xp.sqrt(xp.vdot(flat, flat).astype(np.float64))
     scale = xp.where(xp.isfinite(norm), xp.minimum(max_norm / (norm + 1e-6), 1.0), 1.0)

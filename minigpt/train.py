@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from minigpt.autograd.backend import is_array, to_device
 from minigpt.autograd.function import no_grad
 from minigpt.autograd.tensor import Tensor
 from minigpt.errors import UserError
@@ -145,22 +146,30 @@ class _SigintFlag:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def _to_device(batch: Any, device: str) -> Any:
+    """The batch's arrays (also inside tuples/lists) on `device`; anything else as it is."""
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    return to_device(batch, device) if is_array(batch) else batch
+
+
 def _forward_backward(
-    model: Module, get_batch: Callable[[], Any], loss_fn: Callable[[Module, Any], Tensor], grad_accum: int
-) -> tuple[Any, float | None]:
+    model: Module,
+    get_batch: Callable[[], Any],
+    loss_fn: Callable[[Module, Any], Tensor],
+    grad_accum: int,
+    device: str,
+) -> Any:
     """Backpropagate grad_accum micro-batches, each loss scaled by 1/grad_accum so the summed grads are
-    the big batch's mean. Returns the step's loss (left on the device) and, on the CPU where reading it
-    is free, the first non-finite micro-batch loss, found before its backward (None when all are fine)."""
+    the big batch's mean. Returns the step's loss, left on the device (reading it would sync a GPU)."""
     step_loss: Any = 0.0
     for _ in range(grad_accum):
-        loss = loss_fn(model, get_batch())
-        if loss.device == "cpu" and not math.isfinite(value := float(loss.data)):
-            return step_loss, value
+        loss = loss_fn(model, _to_device(get_batch(), device))  # the one place batches move to the device
         if grad_accum > 1:
             loss = loss * (1.0 / grad_accum)
         loss.backward()
-        step_loss = step_loss + loss.data  # no host read: on the GPU that would sync every micro-batch
-    return step_loss, None
+        step_loss = step_loss + loss.data
+    return step_loss
 
 
 def train(
@@ -203,10 +212,13 @@ def train(
     state = TrainState(step=start_step, max_steps=max_steps, lr=float(optimizer.param_groups[0]["lr"]))
     report = _Reporter(state, desc, quiet, log_path)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    device = params[0].device if params else "cpu"
+    # Reading a value on the CPU is free, so the loss and gradient norm are checked at every step,
+    # before the update; on the GPU a read waits for the device, so they are read once per log window.
+    check_every_step = device == "cpu"
     t0 = time.perf_counter()
     window_start, window_steps = t0, 0
     running: Any = 0.0  # summed step losses since the last log, left on the device until read
-    device_grad_norm: Any = None  # the last step's gradient norm on the GPU, read at the next log
     interrupted = False
 
     def diverged(what: str, value: float, when: str) -> TrainingDiverged:
@@ -221,6 +233,16 @@ def train(
             f"(it was {state.lr:.3g}) or clip gradients (grad_clip), then restart from the last good checkpoint"
         )
 
+    def check(grad_norm: Any) -> None:
+        """Read the window's mean loss and the step's gradient norm; raise if either is not finite."""
+        state.loss = float(running) / window_steps  # the one host read per window on the GPU
+        state.grad_norm = None if grad_norm is None else float(grad_norm)
+        step = state.step + 1
+        when = f"at step {step}" if check_every_step else f"in steps {step - window_steps + 1}-{step}"
+        for what, value in (("loss", state.loss), ("gradient norm", state.grad_norm)):
+            if value is not None and not math.isfinite(value):
+                raise diverged(what, value, when)
+
     def evaluate() -> None:
         was_training = model.training
         model.eval()
@@ -233,6 +255,9 @@ def train(
         state.elapsed = time.perf_counter() - t0
         report.record({"step": state.step, "time": round(state.elapsed, 4), "metrics": state.metrics})
         report.message(f"{desc} step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in state.metrics.items()))
+        for name, value in state.metrics.items():  # never hand a broken state to on_eval (a checkpoint)
+            if not math.isfinite(value):
+                raise diverged(f"evaluation's {name}", value, f"at step {state.step}")
         if on_eval is not None:
             on_eval(state)
 
@@ -249,33 +274,19 @@ def train(
                         for group in optimizer.param_groups:
                             group["lr"] = state.lr
                     optimizer.zero_grad()
-                    step_loss, bad = _forward_backward(model, get_batch, loss_fn, grad_accum)
-                    if bad is not None:  # stopped before a bad update: the weights are still good
-                        raise diverged("loss", bad, f"at step {state.step + 1}")
-                    if grad_clip is not None:
-                        grad_norm = clip_grad_norm_(params, grad_clip)
-                        if isinstance(grad_norm, float):  # CPU: checked before the update
-                            state.grad_norm = grad_norm
-                            if not math.isfinite(grad_norm):
-                                raise diverged("gradient norm", grad_norm, f"at step {state.step + 1}")
-                        else:  # GPU: a device scalar, read with the loss at the next log
-                            device_grad_norm = grad_norm
+                    running = running + _forward_backward(model, get_batch, loss_fn, grad_accum, device)
+                    window_steps += 1
+                    grad_norm = clip_grad_norm_(params, grad_clip) if grad_clip is not None else None
+                    log_now = (state.step + 1) % max(log_interval, 1) == 0 or state.step + 1 == max_steps
+                    if check_every_step or log_now:
+                        check(grad_norm)  # before the update: on the CPU the weights stay good
                     optimizer.step()
                     state.step += 1
-                    running = running + step_loss
-                    window_steps += 1
                     report.advance()
 
-                    if state.step % max(log_interval, 1) == 0 or state.step == max_steps:
-                        value = float(running) / window_steps  # the one host read per window
-                        if device_grad_norm is not None:
-                            state.grad_norm, device_grad_norm = float(device_grad_norm), None
-                        for what, bad in (("loss", value), ("gradient norm", state.grad_norm)):
-                            if bad is not None and not math.isfinite(bad):  # on the GPU: somewhere in this window
-                                steps = f"in steps {state.step - window_steps + 1}-{state.step}"
-                                raise diverged(what, bad, steps)
+                    if log_now:
                         now = time.perf_counter()
-                        state.loss, state.elapsed = value, now - t0
+                        state.elapsed = now - t0
                         report.train_log(state, window_steps / max(now - window_start, 1e-9), tokens_per_step)
                         running, window_start, window_steps = 0.0, now, 0
 

@@ -12,7 +12,6 @@ Ctrl-C saves last.npz and exits; sample with scripts/sample.py.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,85 +21,51 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minigpt import config
 from minigpt.errors import UserError, cli_main
-from minigpt.lm import RUN_FIELDS, RunConfig, train_lm
+from minigpt.lm import RunConfig, train_lm
 
-HELP = {
-    "data": "UTF-8 text file to train on (default: Tiny Shakespeare; offline: Python's own sources)",
-    "out_dir": "where checkpoints, token files and metrics.jsonl go",
-    "tokenizer": "char, bpe (trained here) or gpt2 (tiktoken)",
-    "vocab_size": "vocabulary size for --tokenizer bpe",
-    "max_iters": "total optimizer steps",
-    "eval_interval": "evaluate (and checkpoint) every N steps",
-    "eval_iters": "batches per evaluation",
-    "log_interval": "log the training loss every N steps",
-    "lr_decay_iters": "cosine decay length (0: max_iters)",
-    "grad_clip": "clip the global gradient norm (0: off)",
-    "grad_accum": "micro-batches per optimizer step",
-    "device": "cpu or cuda",
-    "resume": "continue from out_dir/last.npz (model, optimizer, step, RNG state)",
-    "sample_tokens": "length of the sample printed at the end (0: none)",
-    "quiet": "no progress output",
-}
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2 (cli_main), not usage + message
+        raise UserError(f"{message}; see --help")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS
+    """Every RunConfig setting as a flag; help text, types and defaults come from its declaration."""
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--config", default=argparse.SUPPRESS, help="TOML file of settings (keys as the flags, with underscores)"
     )
-    parser.add_argument("--config", help="TOML file of settings (keys as below, dashes or underscores)")
-    defaults = RunConfig()
-    for field in dataclasses.fields(RunConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        help_text = f"{HELP.get(field.name, field.name.replace('_', ' '))} (default: {default})"
-        if isinstance(default, bool):
-            action = "store_true" if field.name in ("resume", "quiet") else argparse.BooleanOptionalAction
-            parser.add_argument(flag, action=action, help=help_text)
-        else:
-            kind = type(default) if default is not None else str
-            parser.add_argument(flag, type=kind, metavar=field.name.upper(), help=help_text)
+    config.add_arguments(parser, RunConfig)
     return parser
 
 
-def read_toml(path: str) -> dict[str, Any]:
+def read_config_file(path: str) -> dict[str, Any]:
+    """The settings in a TOML file, each strictly of its declared type."""
     try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise UserError("--config needs Python 3.11+ or `pip install tomli`") from None
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise UserError(f"--config: no such file {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"--config: {path} is not valid TOML ({e})") from None
-    settings = {key.replace("-", "_"): value for key, value in raw.items()}
-    unknown = sorted(set(settings) - RUN_FIELDS)
-    if unknown:
-        raise UserError(f"--config: unknown setting(s) {', '.join(unknown)} in {path}; see --help for the names")
-    return settings
+        return config.read_toml(path, RunConfig)
+    except ImportError:
+        raise UserError("--config needs Python 3.11+ or `pip install tomli`") from None
+    except config.InvalidSetting as e:
+        raise UserError(f"--config {path}: {e}; see --help for the settings") from None
+    except OSError as e:
+        raise UserError(f"--config: cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:  # tomllib.TOMLDecodeError, UnicodeDecodeError
+        raise UserError(f"--config: {path} is not valid TOML ({str(e).splitlines()[0]})") from None
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config", None)
-    settings = read_toml(config_path) if config_path else {}
+    settings = read_config_file(config_path) if config_path else {}
     settings.update(args)  # explicit flags win over the file
-    defaults = dataclasses.asdict(RunConfig())
-    for key, value in settings.items():  # a TOML value must have the flag's type
-        expected = type(defaults[key]) if defaults[key] is not None else str
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            settings[key] = float(value)
-        elif not isinstance(settings[key], expected):
-            raise UserError(f"--config: {key} must be a {expected.__name__}, got {value!r}")
-    cfg = RunConfig(**settings)
     try:
+        cfg = config.from_flat(RunConfig, settings)
         summary = train_lm(cfg, explicit=set(settings))
+    except config.InvalidSetting as e:
+        raise UserError(f"{config.flag(e.name)} {e.problem}") from None
     except KeyboardInterrupt:  # before training started (data preparation): nothing to save
         print("\ninterrupted before training started; nothing was saved", file=sys.stderr)
         return

@@ -7,7 +7,6 @@ import minigpt
 from minigpt import optim
 from minigpt.autograd import gradcheck
 from minigpt.checkpoint import load_checkpoint, save_checkpoint
-from minigpt.errors import UserError
 from minigpt.gpt import GPT, GPTConfig, KVCache, sample_next
 
 TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
@@ -176,11 +175,16 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
 
 
 def test_config_errors():
-    with pytest.raises(UserError, match="divisible"):
+    with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=10, n_head=4)
-    with pytest.raises(UserError, match="positive"):
+    with pytest.raises(ValueError, match="positive"):
         GPTConfig(n_layer=0)
-    with pytest.raises(UserError, match="pos_encoding"):
+    with pytest.raises(ValueError, match="pos_encoding"):
         GPTConfig(pos_encoding="rotary")
+    with pytest.raises(ValueError, match="n_layer must be an integer"):
+        GPTConfig(n_layer=True)  # a bool is not an int
+    with pytest.raises(ValueError, match="dropout must be a finite number"):
+        GPTConfig(dropout=float("nan"))
+    assert GPTConfig(dropout=0).dropout == 0.0 and isinstance(GPTConfig(dropout=0).dropout, float)
     with pytest.raises(ValueError, match="block_size"):
         tiny()(ids(1, 9))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from minigpt.data import BatchSampler
+from minigpt.gpt import GPTConfig
 from minigpt.lm import RunConfig, load_model, train_lm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +50,8 @@ def test_cli_smoke_train_then_sample(tmp_path, text_file):
 def test_training_lowers_the_loss(tmp_path, text_file):
     cfg = RunConfig(
         data=str(text_file), out_dir=str(tmp_path), max_iters=200, eval_interval=100, eval_iters=4,
-        n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, learning_rate=3e-3, warmup_iters=5,
-        quiet=True, sample_tokens=0,
+        model=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32), batch_size=8, learning_rate=3e-3,
+        warmup_iters=5, quiet=True, sample_tokens=0,
     )  # fmt: skip
     summary = train_lm(cfg, log=lambda s: None)
     assert summary.step == 200 and summary.val_loss < 2.7  # uniform over ~60 characters is ~4.1, unigrams ~3.3
@@ -79,7 +80,8 @@ def _losses(out_dir):
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, text_file, monkeypatch):
     common = dict(
         data=str(text_file), max_iters=10, eval_interval=4, eval_iters=2, log_interval=1, lr_decay_iters=10,
-        n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, dropout=0.2, quiet=True, sample_tokens=0,
+        model=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.2), batch_size=4, quiet=True,
+        sample_tokens=0,
     )  # fmt: skip
     train_lm(RunConfig(out_dir=str(tmp_path / "full"), **common), log=lambda s: None)
 
@@ -111,7 +113,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, text_file, monk
 def test_checkpoint_loads_for_sampling(tmp_path, text_file):
     cfg = RunConfig(
         data=str(text_file), out_dir=str(tmp_path), max_iters=4, eval_interval=2, eval_iters=1,
-        n_layer=1, n_head=2, n_embd=16, block_size=8, batch_size=2, quiet=True, sample_tokens=0,
+        model=GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8), batch_size=2, quiet=True, sample_tokens=0,
     )  # fmt: skip
     train_lm(cfg, log=lambda s: None)
     model, tokenizer, meta = load_model(tmp_path / "ckpt.npz")
@@ -133,7 +135,7 @@ def expect_exit_2(capsys, main, *argv):
 
 def train_args(tmp_path, data, *extra):
     return ("--data", str(data), "--out-dir", str(tmp_path / "out"), "--max-iters", "2", "--eval-interval", "1",
-            "--eval-iters", "1", *SMALL, "--quiet", "--sample-tokens", "0", *extra)  # fmt: skip
+            "--eval-iters", "1", *SMALL, "--quiet", "--sample-tokens", "0", *map(str, extra))  # fmt: skip
 
 
 def test_bad_data_files(tmp_path, capsys):
@@ -162,6 +164,13 @@ def test_bad_data_files(tmp_path, capsys):
         (["--batch-size", "0"], "batch-size"),
         (["--tokenizer", "words"], "tokenizer"),
         (["--vocab-size", "300"], "only applies to --tokenizer bpe"),
+        (["--grad-clip", "nan"], "--grad-clip must be a finite number"),
+        (["--learning-rate", "inf"], "--learning-rate must be a finite number"),
+        (["--seed", "-1"], "--seed must be non-negative"),
+        (["--dropout", "1"], "--dropout must be in [0, 1)"),
+        (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
+        (["--max-iters", "ten"], "invalid int value"),
+        (["--no-such-flag"], "unrecognized arguments"),
     ],
 )
 def test_bad_settings(tmp_path, text_file, capsys, flags, words):
@@ -170,15 +179,25 @@ def test_bad_settings(tmp_path, text_file, capsys, flags, words):
 
 def test_bad_config_file(tmp_path, text_file, capsys):
     toml = tmp_path / "run.toml"
-    toml.write_text("max_iters = 3\nn-layer = 1\nbogus = 1\n")
-    assert "bogus" in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, text_file, "--config", str(toml)))
-    toml.write_text("max_iters = [")
-    assert "TOML" in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, text_file, "--config", str(toml)))
+    cases = [
+        ("max_iters = 3\nn_layer = 1\nbogus = 1\n", "bogus is not a setting"),
+        ("max_iters = [", "TOML"),
+        ("warmup-iters = 3\n", "write it warmup_iters"),  # one spelling per key
+        ("warmup_iters = true\n", "warmup_iters must be an integer"),  # a bool is not an int
+        ("learning_rate = 'fast'\n", "learning_rate must be a number"),
+        ("grad_clip = nan\n", "grad_clip must be a finite number"),
+        ("n_layer = 2.0\n", "n_layer must be an integer"),
+    ]
+    for text, words in cases:
+        toml.write_text(text)
+        assert words in expect_exit_2(capsys, train_script.main, *train_args(tmp_path, text_file, "--config", toml))
+    err = expect_exit_2(capsys, train_script.main, *train_args(tmp_path, text_file, "--config", tmp_path))
+    assert "directory" in err
 
 
 def test_config_file_sets_defaults_and_flags_win(tmp_path, text_file, capsys):
     toml = tmp_path / "run.toml"
-    toml.write_text("n-layer = 1\nn_embd = 24\nn_head = 4\nlearning_rate = 1\n")
+    toml.write_text("n_layer = 1\nn_embd = 24\nn_head = 4\nlearning_rate = 1\n")
     train_script.main(
         ["--config", str(toml), "--data", str(text_file), "--out-dir", str(tmp_path / "out"), "--max-iters", "2",
          "--eval-iters", "1", "--block-size", "8", "--quiet", "--n-embd", "16", "--learning-rate", "0.01"]
@@ -231,3 +250,18 @@ def test_bench_train_smoke(tmp_path, vs_torch):
     losses = [line.split("loss ")[-1].split(" ->")[0] for line in bench.stdout.splitlines() if "| loss " in line]
     assert len(losses) == (2 if vs_torch else 1) and len(set(losses)) == 1
     assert ("throughput ratio" in bench.stdout) == vs_torch
+
+
+def test_run_settings_are_declared_once():
+    from minigpt import config
+
+    flat = config.flat_fields(RunConfig)
+    assert "n_layer" in flat and "model" not in flat and flat["vocab_size"][0].metadata["help"].endswith("bpe")
+    assert all(f.metadata["help"] for f, _, _ in flat.values())  # every flag has help text
+    cfg = config.from_flat(RunConfig, {"n_layer": 2, "learning_rate": 1, "resume": True})
+    assert cfg.model.n_layer == 2 and cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert config.from_flat(RunConfig, config.to_flat(cfg)) == cfg
+    with pytest.raises(ValueError, match="warmup_iters must be an integer"):
+        RunConfig(warmup_iters=True)
+    with pytest.raises(ValueError, match="n_head"):
+        config.from_flat(RunConfig, {"n_embd": 30, "n_head": 4})

@@ -116,8 +116,8 @@ def text_file(tmp_path):
 def test_a_cuda_run_learns_and_its_checkpoint_loads_on_either_device(tmp_path, text_file):
     cfg = RunConfig(
         data=str(text_file), out_dir=str(tmp_path / "out"), max_iters=150, eval_interval=75, eval_iters=4,
-        n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, learning_rate=3e-3, warmup_iters=5,
-        quiet=True, sample_tokens=0, device="cuda",
+        model=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32), batch_size=8, learning_rate=3e-3,
+        warmup_iters=5, quiet=True, sample_tokens=0, device="cuda",
     )  # fmt: skip
     summary = train_lm(cfg, log=lambda s: None)
     assert summary.step == 150 and summary.val_loss < 2.5
