@@ -9,7 +9,6 @@ import minigpt
 from minigpt import functional as F
 from minigpt import nn
 from minigpt.autograd import composed, fused, gradcheck
-from minigpt.errors import UserError
 from minigpt.gpt import GPT, GPTConfig
 
 
@@ -81,7 +80,7 @@ def test_layer_norm_of_equal_rows_is_exactly_the_bias_in_float32():
 
 def test_gpt_config_gelu_field():
     assert GPTConfig().gelu == "tanh"
-    with pytest.raises(UserError, match="gelu"):
+    with pytest.raises(ValueError, match="gelu"):
         GPTConfig(gelu="erf")
 
 
