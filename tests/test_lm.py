@@ -63,8 +63,8 @@ def test_a_shakespeare_run_samples_shakespeare(tmp_path, shakespeare):
     data.write_text(shakespeare[:60_000])
     cfg = RunConfig(
         data=str(data), out_dir=str(tmp_path / "out"), max_iters=60, eval_interval=60, eval_iters=2,
-        n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, learning_rate=3e-3, warmup_iters=5,
-        quiet=True, sample_tokens=0,
+        model=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32), batch_size=8, learning_rate=3e-3,
+        warmup_iters=5, quiet=True, sample_tokens=0,
     )  # fmt: skip
     assert train_lm(cfg, log=lambda s: None).val_loss < 3.3  # uniform over 61 characters is 4.1
     model, tokenizer, _ = load_model(tmp_path / "out" / "ckpt.npz")
