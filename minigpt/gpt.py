@@ -172,6 +172,19 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 p.data[...] = rng.normal(0.0, 0.02 / math.sqrt(2 * config.n_layer), p.shape)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> GPT:
+        """GPT-2 weights from a Hugging Face folder (config.json + model.safetensors) or a cached name ("gpt2")."""
+        from minigpt.weights import load_hf
+
+        return load_hf(name_or_path)[0]
+
+    def save_pretrained(self, folder: str, tokenizer: Any = None) -> None:
+        """Write config.json + model.safetensors in HF GPT-2's layout (transformers loads it; see weights.py)."""
+        from minigpt.weights import save_hf
+
+        save_hf(self, folder, None if tokenizer is None else tokenizer.to_dict())
+
     def forward(self, idx: Any, targets: Any = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) and the mean cross-entropy against targets (ignore_index=-1).
 
