@@ -243,8 +243,11 @@ class GPT(nn.Module):
         stop_token: int | None = None,
         use_cache: bool = True,
         vocab_limit: int | None = None,
+        slide: int = 1,
     ) -> Iterator[np.ndarray]:
         """Yield the next token of every row, (B,) int64, one step at a time (see `generate`)."""
+        if slide < 1:
+            raise ValueError(f"slide must be a positive number of tokens, got {slide}")
         tokens = _as_batch(idx)
         block = self.config.block_size
         rng = np.random.default_rng(seed)
@@ -255,8 +258,8 @@ class GPT(nn.Module):
         try:
             for _ in range(max_new_tokens):
                 if tokens.shape[1] - start > block:
-                    # The window is full: slide it, keeping the last half, and rebuild the cache.
-                    start, cache = tokens.shape[1] - max(1, block // 2), None
+                    # The window is full: move it on by `slide` tokens and rebuild the cache.
+                    start, cache = tokens.shape[1] - max(1, block + 1 - slide), None
                 with parallel.blas_threads():  # per step: the caller's code between yields keeps our threads
                     if not use_cache:
                         logits = self._next_logits(tokens[:, start:])
@@ -278,9 +281,12 @@ class GPT(nn.Module):
 
         temperature 0 means greedy; top_k / top_p filter the distribution; seed makes sampling
         repeatable; generation stops early once every row has produced stop_token. With the KV
-        cache (default) each step feeds one token. The context window slides in jumps of half the
-        block size (then the cache is rebuilt), and use_cache=False recomputes that same context
-        every step, so both produce the same tokens. vocab_limit masks padded vocabulary ids.
+        cache (default) each step feeds one token. Past block_size the model sees the last
+        block_size tokens, as nanoGPT's generate (same weights and seed, same tokens); each step
+        then recomputes the window. `slide` > 1 moves the full window on by that many tokens at
+        once, so the cache serves the steps in between (faster, different tokens past block_size);
+        use_cache=False recomputes the same context every step, so it gives the same tokens.
+        vocab_limit masks padded vocabulary ids.
         """
         tokens = _as_batch(idx)
         new = list(self.generate_tokens(tokens, max_new_tokens, **kwargs))

@@ -29,10 +29,6 @@ HF_FILES = ("config.json", "model.safetensors")
 MINIGPT_KEY = "minigpt"  # our own entry in config.json: the exact config and tokenizer of an export
 
 
-def _gelu(config: GPTConfig) -> str:
-    return getattr(config, "gelu", "tanh")
-
-
 # ---------------------------------------------------------------- finding the files
 
 
@@ -128,13 +124,10 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> GPTConfig:
             n_head=hf.get("n_head", 12),
             n_embd=n_embd,
             bias=True,  # GPT-2 has every bias; a bias-free export stores zeros
+            gelu=HF_ACTIVATIONS[activation],
         )
     except (UserError, TypeError) as e:
         raise UserError(f"{where}: {e}") from None
-    if HF_ACTIVATIONS[activation] != "tanh":
-        if "gelu" not in GPTConfig.__dataclass_fields__:
-            raise UserError(f"{where}: activation_function {activation!r} (exact GELU) is not supported yet")
-        config.gelu = HF_ACTIVATIONS[activation]
     return config
 
 
@@ -150,7 +143,7 @@ def config_to_hf(config: GPTConfig, vocab_size: int, tokenizer: dict[str, Any] |
         "n_layer": config.n_layer,
         "n_head": config.n_head,
         "n_inner": None,
-        "activation_function": "gelu_new" if _gelu(config) == "tanh" else "gelu",
+        "activation_function": "gelu_new" if config.gelu == "tanh" else "gelu",
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
@@ -330,8 +323,7 @@ def _restore_minigpt_config(config: GPTConfig, hint: dict[str, Any], state: dict
         else:
             original.pos_encoding = "learned"
     original.dropout = config.dropout
-    if _gelu(config) != "tanh" or _gelu(original) != "tanh":
-        original.gelu = _gelu(config)  # config.json's activation_function decides
+    original.gelu = config.gelu  # config.json's activation_function decides
     return original
 
 

@@ -188,3 +188,14 @@ def test_config_errors():
     assert GPTConfig(dropout=0).dropout == 0.0 and isinstance(GPTConfig(dropout=0).dropout, float)
     with pytest.raises(ValueError, match="block_size"):
         tiny()(ids(1, 9))
+
+
+def test_slide_moves_a_full_window_in_jumps_with_the_same_tokens_cached_or_not():
+    model = tiny(vocab_size=40)
+    prompt = ids(1, 3, vocab=40)
+    jumpy = model.generate(prompt, 30, temperature=0, slide=4)
+    np.testing.assert_array_equal(jumpy, model.generate(prompt, 30, temperature=0, slide=4, use_cache=False))
+    exact = model.generate(prompt, 30, temperature=0)  # slide 1: always the last block_size tokens
+    np.testing.assert_array_equal(exact[:, :10], jumpy[:, :10])  # the same until the window first moves
+    with pytest.raises(ValueError, match="slide"):
+        model.generate(prompt, 3, slide=0)
