@@ -94,7 +94,7 @@ def read_nanogpt(ckpt: str | Path, meta_pkl: str | Path | None = None) -> tuple[
     args = checkpoint["model_args"]
     try:
         config = GPTConfig(**{k: args[k] for k in MODEL_ARGS}, gelu="none")  # nanoGPT's nn.GELU() is exact
-    except (KeyError, TypeError, UserError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{ckpt}: model_args are not nanoGPT's ({e})") from None
     state = {}
     for name, tensor in checkpoint["model"].items():
@@ -170,7 +170,7 @@ def minigpt_to_nanogpt(checkpoint: str | Path, out_dir: str | Path) -> list[Path
     try:
         config = GPTConfig(**meta["model_config"])
         tokenizer = meta["tokenizer"]
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{checkpoint}: not a minigpt GPT checkpoint ({e})") from None
     if config.gelu != "none":
         raise UserError(

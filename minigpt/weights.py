@@ -126,7 +126,7 @@ def config_from_hf(hf: dict[str, Any], where: str = "config.json") -> GPTConfig:
             bias=True,  # GPT-2 has every bias; a bias-free export stores zeros
             gelu=HF_ACTIVATIONS[activation],
         )
-    except (UserError, TypeError) as e:
+    except (ValueError, TypeError) as e:
         raise UserError(f"{where}: {e}") from None
     return config
 
@@ -306,7 +306,7 @@ def _restore_minigpt_config(config: GPTConfig, hint: dict[str, Any], state: dict
     """The exact config of a minigpt export, if its zero biases and sinusoidal wpe are still as exported."""
     try:
         original = GPTConfig(**hint)
-    except (UserError, TypeError):
+    except (ValueError, TypeError):
         return config
     if any(getattr(original, k) != getattr(config, k) for k in ("vocab_size", "block_size", "n_layer", "n_embd")):
         return config
