@@ -132,3 +132,49 @@ def _first_line(e: BaseException) -> str:
     """An exception's message cut to one line, so the user-facing error stays one line."""
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
+
+
+# ----------------------------------------------------------------------------- metadata schema
+
+# The metadata of a training run's checkpoint (minigpt.lm): key -> (JSON types, required).
+RUN_META_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+    "model_config": ((dict,), True),
+    "tokenizer": ((dict,), True),
+    "run_config": ((dict,), False),  # absent from weights-only checkpoints; --resume needs it
+    "step": ((int,), False),
+    "best_val_loss": ((float, int, type(None)), False),
+    "elapsed": ((float, int), False),
+    "rng": ((dict,), False),
+    "data": ((str,), False),
+}
+_JSON_NAMES = {dict: "an object", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def check_meta(path: str | os.PathLike[str], meta: dict[str, Any], required: tuple[str, ...] = ()) -> None:
+    """Check a run checkpoint's metadata against RUN_META_SCHEMA; one UserError names the first bad key.
+
+    `required` adds keys the caller needs (e.g. --resume needs step, rng and run_config).
+    """
+    for key, (types, needed) in RUN_META_SCHEMA.items():
+        if key not in meta:
+            if needed or key in required:
+                raise meta_error(path, key, "is missing")
+            continue
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, types):  # JSON true is not an integer
+            expected = " or ".join(_JSON_NAMES[t] for t in types if not (t is int and float in types))
+            raise meta_error(path, key, f"must be {expected}, got {json.dumps(value)[:60]}")
+        if isinstance(value, (int, float)) and (not np.isfinite(value) or value < 0):
+            raise meta_error(path, key, f"must be a finite non-negative number, got {value}")
+    rng = meta.get("rng")
+    if rng is not None:
+        for part in ("train_batches", "dropout"):
+            if not isinstance(rng.get(part), dict):
+                raise meta_error(path, f"rng.{part}", "must be an object (a NumPy bit generator state)")
+
+
+def meta_error(path: str | os.PathLike[str], key: str, problem: str) -> UserError:
+    return UserError(
+        f"checkpoint {path} has malformed metadata: {key} {problem}; the file is damaged or was not "
+        "written by minigpt's train_gpt.py, so use another checkpoint"
+    )

@@ -181,8 +181,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     defaults = to_flat(cls())
     for name, (f, kind, _) in flat_fields(cls).items():
         text = f.metadata.get("help") or name.replace("_", " ")
-        if defaults[name] is not None:
-            text += f" (default: {defaults[name]})"
+        default = defaults[name]
+        if default is not None:
+            text += f" (default: {default!r})" if isinstance(default, str) else f" (default: {default})"
         if kind is bool:
             parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, help=text, default=argparse.SUPPRESS)
         else:

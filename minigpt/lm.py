@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,13 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from minigpt.autograd.backend import normalize_device, to_device, to_numpy
-from minigpt.checkpoint import load_checkpoint, save_checkpoint
-from minigpt.config import InvalidSetting, check_fields, flat_fields, setting, to_flat
-from minigpt.data import BatchSampler, load_tokens, prepare, resolve_corpus
+from minigpt.autograd.backend import cupy_module, normalize_device, to_device, to_numpy
+from minigpt.checkpoint import check_meta, load_checkpoint, meta_error, save_checkpoint
+from minigpt.config import InvalidSetting, check_fields, flag, flat_fields, from_flat, setting, to_flat
+from minigpt.data import BatchSampler, atomic_write, load_meta, load_tokens, prepare, resolve_corpus
 from minigpt.errors import UserError
 from minigpt.gpt import GPT, GPTConfig
 from minigpt.optim import AdamW, CosineSchedule
+from minigpt.outdir import OutDir
 from minigpt.tokenizers import (
     BPETokenizer,
     CharTokenizer,
@@ -28,7 +32,7 @@ from minigpt.tokenizers import (
     padded_vocab_size,
     tokenizer_from_dict,
 )
-from minigpt.train import TrainState, train
+from minigpt.train import TrainingDiverged, TrainState, train
 
 TOKENIZERS = ("char", "bpe", "gpt2")
 # Our BPE's smallest vocabulary: the 256 byte tokens plus the end-of-text special token.
@@ -71,7 +75,10 @@ class RunConfig:
     grad_accum: int = setting(1, "micro-batches per optimizer step", **POSITIVE)
     seed: int = setting(1337, "seed of the weights, batches and dropout", **NON_NEGATIVE)
     device: str = setting("cpu", "cpu or cuda")
-    resume: bool = setting(False, "continue from out_dir/last.npz (model, optimizer, step, RNG state)")
+    resume: bool = setting(
+        False, "continue from out_dir/last.npz: its settings, token files, model, optimizer, step and RNG state"
+    )
+    overwrite: bool = setting(False, "start a new run in an --out-dir that holds one, deleting its checkpoints")
     sample_tokens: int = setting(200, "length of the sample printed at the end (0: none)", **NON_NEGATIVE)
     quiet: bool = setting(False, "no progress output")
 
@@ -81,10 +88,17 @@ class RunConfig:
             normalize_device(self.device)
         except (ValueError, RuntimeError) as e:
             raise InvalidSetting("device", f"is unusable: {e}") from None
+        if self.resume and self.overwrite:
+            raise InvalidSetting("overwrite", "cannot be combined with --resume (it would delete what to resume)")
 
 
 # Settings that fix the model's shape: a checkpoint decides them on --resume.
 MODEL_SETTINGS = tuple(flat_fields(GPTConfig))
+# On --resume these must match the checkpoint (the token files of the out-dir depend on them) ...
+FIXED_ON_RESUME = ("data", "tokenizer", "vocab_size", *MODEL_SETTINGS)
+# ... these are this invocation's own, never taken from the checkpoint; every other setting is the
+# checkpoint's unless the user sets it again (e.g. a larger --max-iters).
+NOT_RESUMED = ("out_dir", "resume", "overwrite", "quiet", "device")
 
 
 def build_tokenizer(cfg: RunConfig, text: str) -> Tokenizer:
@@ -111,6 +125,39 @@ def model_vocab_size(tokenizer: Tokenizer) -> int:
     return padded_vocab_size(n) if n > PAD_VOCAB_ABOVE else n
 
 
+def estimate_train_bytes(model: GPTConfig, batch_size: int) -> int:
+    """A lower bound on the memory a training step needs: float32 weights, gradients and AdamW's two
+    moments, plus the activations backward keeps (about 16 C-wide rows per layer and token, the
+    attention probabilities, and the logits with their gradient). Plain Python ints: never overflows."""
+    C, L, T, V = model.n_embd, model.n_layer, model.block_size, model.vocab_size
+    params = L * (12 * C * C + 13 * C) + V * C + T * C + 2 * C
+    activations = batch_size * T * (L * (16 * C + 2 * model.n_head * T) + 2 * V)
+    return 4 * (4 * params + activations)
+
+
+def available_bytes(device: str) -> int | None:
+    """Total memory of `device` (RAM, or the GPU's), or None when it cannot be told."""
+    try:
+        if normalize_device(device) == "cuda":
+            return int(cupy_module().cuda.Device().mem_info[1])
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+
+def check_fits(cfg: RunConfig, vocab_size: int) -> None:
+    """Refuse, before allocating anything, a model and batch that cannot fit in the device's memory."""
+    need = estimate_train_bytes(replace(cfg.model, vocab_size=vocab_size), cfg.batch_size)
+    have = available_bytes(cfg.device)
+    if have is not None and need > have:
+        m = cfg.model
+        raise UserError(
+            f"the model and batch need at least {need / 2**30:,.3g} GiB (n_layer {m.n_layer}, n_embd {m.n_embd}, "
+            f"block_size {m.block_size}, batch_size {cfg.batch_size}, vocab {vocab_size}) but the {cfg.device} "
+            f"has {have / 2**30:,.3g} GiB; use a smaller --n-layer, --n-embd, --block-size or --batch-size"
+        )
+
+
 @dataclass
 class RunSummary:
     step: int
@@ -121,18 +168,33 @@ class RunSummary:
     tokens_per_s: float
     interrupted: bool
     sample: str
+    stop_signal: int | None = None  # SIGINT or SIGTERM when interrupted
+    message: str = ""  # what happened when interrupted: the step and what was saved
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict[str, Any]]:
     """A GPT and its tokenizer from a checkpoint written by `train_lm`."""
     state, _, meta = load_checkpoint(path)
-    try:
-        model = GPT(GPTConfig(**meta["model_config"]))
-        tokenizer = tokenizer_from_dict(meta["tokenizer"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: not a minigpt GPT checkpoint ({e})") from None
+    config, tokenizer = read_model_meta(path, meta)
+    model = GPT(config)
     model.load_state_dict(state)
     return model.to(device).eval(), tokenizer, meta
+
+
+def read_model_meta(path: str | Path, meta: dict[str, Any]) -> tuple[GPTConfig, Tokenizer]:
+    """The model config and tokenizer a checkpoint's metadata describes, each checked."""
+    check_meta(path, meta)
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except TypeError as e:  # an unknown key
+        raise meta_error(path, "model_config", f"has an unknown field ({e})") from None
+    except InvalidSetting as e:
+        raise meta_error(path, f"model_config.{e.name}", e.problem) from None
+    try:
+        tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    except UserError as e:
+        raise meta_error(path, "tokenizer", f"is unusable ({e})") from None
+    return config, tokenizer
 
 
 # ----------------------------------------------------------------------------- the steps of a run
@@ -147,24 +209,39 @@ class Corpus:
     val_ids: np.ndarray
     meta: dict[str, Any]
     source: str  # where the text came from, one line
-    prompt: str  # what the end-of-run sample starts from
+
+    @property
+    def prompt(self) -> str:
+        """What the end-of-run sample starts from: a newline if the vocabulary has one, else the first token."""
+        try:
+            if self.tokenizer.encode("\n"):
+                return "\n"
+        except UserError:  # a character vocabulary without "\n"
+            pass
+        return self.tokenizer.decode([int(self.train_ids[0])])
 
 
-def prepare_data(cfg: RunConfig, data_dir: Path) -> Corpus:
-    """Find the text, build the tokenizer and write data_dir/{train,val}.bin; check both are long enough."""
+def prepare_data(cfg: RunConfig, data_dir: Path, tokenizer: Tokenizer | None = None) -> Corpus:
+    """Find the text, build the tokenizer (unless given) and write data_dir/{train,val}.bin."""
     text, source = resolve_corpus(cfg.data)
-    tokenizer = build_tokenizer(cfg, text)
-    meta = prepare(text, tokenizer, data_dir)
+    tokenizer = tokenizer or build_tokenizer(cfg, text)
+    prepare(text, tokenizer, data_dir)
+    return read_token_files(data_dir, tokenizer, source, cfg.model.block_size)
+
+
+def read_token_files(data_dir: Path, tokenizer: Tokenizer, source: str, block_size: int) -> Corpus:
+    """The token files of `data_dir`, checked against `tokenizer` and long enough for `block_size`."""
+    meta = load_meta(data_dir)
+    if meta.get("tokenizer") != tokenizer.to_dict():
+        raise UserError(f"the token files in {data_dir} were made with another tokenizer than the checkpoint's")
     train_ids, val_ids = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
-    block_size = cfg.model.block_size
     for split, ids in (("training text", train_ids), ("validation text (the last 10%)", val_ids)):
         if len(ids) < block_size + 1:  # checked now, not at the first evaluation
             raise UserError(
                 f"the {split} is {len(ids)} tokens, shorter than block_size + 1 = {block_size + 1}; "
                 "use a smaller --block-size or more text"
             )
-    prompt = "\n" if "\n" in text else text[0]
-    return Corpus(tokenizer, train_ids, val_ids, meta, source, prompt)
+    return Corpus(tokenizer, train_ids, val_ids, meta, source)
 
 
 @dataclass
@@ -175,47 +252,62 @@ class Resumed:
     state: dict[str, np.ndarray]
     optim: dict[str, np.ndarray] | None
     meta: dict[str, Any]
+    tokenizer: Tokenizer
 
 
 def read_resume(cfg: RunConfig, explicit: set[str], path: Path) -> tuple[RunConfig, Resumed]:
-    """The checkpoint to resume, and `cfg` with the checkpoint's model shape where the user set none."""
-    if not path.exists():
-        raise UserError(f"--resume: no checkpoint at {path}; train without --resume first (same --out-dir)")
+    """The checkpoint to resume and the run's settings: the checkpoint's, overridden by what the user
+    set explicitly (settings that fix the model or the token files must agree with the checkpoint)."""
     state, optim_state, meta = load_checkpoint(path)
-    saved = meta.get("model_config", {})
-    model = {name: saved[name] for name in MODEL_SETTINGS if name not in explicit and name in saved}
-    cfg = replace(cfg, model=replace(cfg.model, **model))
-    return cfg, Resumed(path, state, optim_state, meta)
-
-
-def _check_resumable(resumed: Resumed, cfg: RunConfig, explicit: set[str], tokenizer: Tokenizer) -> None:
-    saved = resumed.meta.get("model_config", {})
+    config, tokenizer = read_model_meta(path, meta)
+    check_meta(path, meta, required=("run_config", "step", "rng"))
+    saved = {**meta["run_config"], **{name: getattr(config, name) for name in MODEL_SETTINGS}}
+    if saved.get("lr_decay_iters") == 0:  # a checkpoint from before the horizon was stored
+        saved["lr_decay_iters"] = saved.get("max_iters", 0)
+    mine = to_flat(cfg)
     clashes = [
-        f"--{name.replace('_', '-')} {getattr(cfg.model, name)} (checkpoint: {saved.get(name)})"
-        for name in MODEL_SETTINGS
-        if name in explicit and saved.get(name) != getattr(cfg.model, name)
+        f"{flag(name)} {mine[name]} (checkpoint: {saved.get(name)})"
+        for name in FIXED_ON_RESUME
+        if name in explicit and mine[name] != saved.get(name)
     ]
     if clashes:
         raise UserError(
-            f"{resumed.path} was trained with a different model: {'; '.join(clashes)}. "
-            "Drop those flags to resume it, or pass a new --out-dir to start a new run"
+            f"{path} was trained with other settings: {'; '.join(clashes)}. Drop those flags to resume it, "
+            "or pass a new --out-dir to start a new run"
         )
-    if resumed.meta.get("tokenizer") != tokenizer.to_dict():
-        raise UserError(
-            f"{resumed.path} was trained on a different vocabulary than this data gives; "
-            "resume with the same --data and --tokenizer, or pass a new --out-dir"
-        )
+    merged = {k: v for k, v in saved.items() if k not in NOT_RESUMED}
+    merged.update({k: v for k, v in mine.items() if k in explicit or k in NOT_RESUMED})
+    try:
+        cfg = from_flat(RunConfig, merged)
+    except InvalidSetting as e:
+        if e.name in explicit:
+            raise
+        raise meta_error(path, f"run_config.{e.name}", e.problem) from None
+    return cfg, Resumed(path, state, optim_state, meta, tokenizer)
+
+
+def resume_data(cfg: RunConfig, resumed: Resumed, data_dir: Path, log: Callable[[str], None]) -> Corpus:
+    """The out-dir's token files, as they are (no re-tokenizing); re-made from the run's text with the
+    checkpoint's tokenizer only if they are gone or damaged."""
+    source = resumed.meta.get("data", str(cfg.data))
+    try:
+        return read_token_files(data_dir, resumed.tokenizer, source, cfg.model.block_size)
+    except UserError as e:
+        log(f"notice: cannot reuse the token files ({e}); tokenizing the text again")
+        return prepare_data(cfg, data_dir, tokenizer=resumed.tokenizer)
 
 
 @dataclass
 class Run:
-    """The state being trained: model, optimizer, the training batches, the step and the best val loss."""
+    """The state being trained: model, optimizer, the training batches, the step, the best val loss,
+    and the seconds trained before this process (so logged times continue across resumes)."""
 
     model: GPT
     optimizer: AdamW
     batches: BatchSampler
     step: int = 0
     best_val: float = math.inf
+    elapsed: float = 0.0
 
 
 def build_run(cfg: RunConfig, corpus: Corpus, resumed: Resumed | None) -> Run:
@@ -232,9 +324,12 @@ def build_run(cfg: RunConfig, corpus: Corpus, resumed: Resumed | None) -> Run:
         if resumed.optim is not None:
             optimizer.load_state_dict(resumed.optim)
         batches.set_state(meta["rng"]["train_batches"])
-        model.dropout_rng.bit_generator.state = meta["rng"]["dropout"]
-        run.step = int(meta["step"])
-        run.best_val = float(meta["best_val_loss"]) if meta.get("best_val_loss") is not None else math.inf
+        try:
+            model.dropout_rng.bit_generator.state = meta["rng"]["dropout"]
+        except (TypeError, ValueError, KeyError) as e:
+            raise meta_error(resumed.path, "rng.dropout", f"is not a NumPy generator state ({e})") from None
+        run.step, run.elapsed = meta["step"], float(meta.get("elapsed", 0.0))
+        run.best_val = math.inf if meta.get("best_val_loss") is None else float(meta["best_val_loss"])
     model.to(cfg.device)
     return run
 
@@ -260,15 +355,29 @@ def make_evaluator(cfg: RunConfig, run: Run, corpus: Corpus) -> Callable[[], dic
     return evaluate
 
 
+class NotSaved(TrainingDiverged):
+    """A checkpoint was due but the weights are not finite; nothing was written."""
+
+
 class Checkpoints:
-    """Writes out_dir/ckpt.npz (best val loss) and out_dir/last.npz (latest): the run's callbacks."""
+    """Writes out_dir/ckpt.npz (best val loss) and out_dir/last.npz (latest): the run's callbacks.
 
-    def __init__(self, cfg: RunConfig, run: Run, corpus: Corpus, out_dir: Path, log: Callable[[str], None]):
-        self.cfg, self.run, self.corpus, self.log = cfg, run, corpus, log
-        self.last, self.best = out_dir / "last.npz", out_dir / "ckpt.npz"
+    Nothing is written from a broken state: the loop raises before on_eval on a non-finite
+    evaluation, and `save` refuses non-finite weights, so the last good files stay as they were.
+    """
 
-    def save(self, path: Path, step: int) -> None:
+    def __init__(self, cfg: RunConfig, run: Run, corpus: Corpus, out: OutDir):
+        self.cfg, self.run, self.corpus, self.out = cfg, run, corpus, out
+        self.saved_step: int | None = run.step if run.step else None  # of last.npz, if there is one
+
+    def save(self, path: Path, state: TrainState) -> None:
         run = self.run
+        bad = [name for name, p in run.model.named_parameters() if not bool(np.all(np.isfinite(to_numpy(p.data))))]
+        if bad:
+            raise NotSaved(
+                f"not saving {path} at step {state.step}: the weights hold NaN or inf ({', '.join(bad[:3])}). "
+                f"{self.kept()}; lower the learning rate or clip gradients (--grad-clip)"
+            )
         save_checkpoint(
             path,
             model={name: to_numpy(p.data) for name, p in run.model.named_parameters()},
@@ -277,78 +386,113 @@ class Checkpoints:
                 "model_config": run.model.config.to_dict(),
                 "run_config": to_flat(self.cfg),
                 "tokenizer": self.corpus.tokenizer.to_dict(),
-                "step": step,
+                "step": state.step,
                 "best_val_loss": None if math.isinf(run.best_val) else run.best_val,
+                "elapsed": run.elapsed + state.elapsed,
                 "rng": {"train_batches": run.batches.state(), "dropout": run.model.dropout_rng.bit_generator.state},
                 "data": self.corpus.source,
             },
         )
+        if path == self.out.last:
+            self.saved_step = state.step
+
+    def kept(self) -> str:
+        if self.saved_step is None:
+            return "No checkpoint was saved yet"
+        return f"The last good checkpoint, {self.out.last} (step {self.saved_step}), is kept"
 
     def on_eval(self, state: TrainState) -> None:
         val = state.metrics["val_loss"]
         if val < self.run.best_val:
             self.run.best_val = val
-            self.save(self.best, state.step)
-        self.save(self.last, state.step)
+            self.save(self.out.best, state)
+        self.save(self.out.last, state)
 
     def on_interrupt(self, state: TrainState) -> None:
-        self.save(self.last, state.step)
-        self.log(f"interrupted at step {state.step}: saved {self.last}; continue with --resume")
+        self.save(self.out.last, state)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the records of steps after `step` (logged after the checkpoint a resumed run starts from),
+    and a last line cut short by a kill, so the resumed run's records follow on without repeats."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    with atomic_write(path) as f:
+        f.write("".join(line + "\n" for line in kept).encode("utf-8"))
 
 
 def train_lm(cfg: RunConfig, explicit: set[str] | None = None, log: Callable[[str], None] = print) -> RunSummary:
-    """Train a GPT as `cfg` says.
+    """Train a GPT as `cfg` says, in cfg.out_dir (created and locked for the run).
 
-    `explicit` names the settings the user set on purpose: on --resume the model's must agree with
-    the checkpoint, while the others take the checkpoint's values.
+    `explicit` names the settings the user set on purpose. On --resume every other setting comes
+    from the checkpoint, and those that fix the model or the token files must agree with it.
     """
     explicit = set(explicit or ())
-    if "vocab_size" in explicit and cfg.tokenizer != "bpe":
-        raise UserError(f"--vocab-size only applies to --tokenizer bpe (the {cfg.tokenizer} vocabulary is fixed)")
-    out_dir = Path(cfg.out_dir)
-    resumed = None
-    if cfg.resume:
-        cfg, resumed = read_resume(cfg, explicit, out_dir / "last.npz")
-    corpus = prepare_data(cfg, out_dir / "data")
-    if resumed is not None:
-        _check_resumable(resumed, cfg, explicit, corpus.tokenizer)
-    run = build_run(cfg, corpus, resumed)
-    start_step = run.step
-    tok = corpus.tokenizer
+    check_fits(cfg, vocab_size=1)  # the vocabulary is not known yet; absurd sizes are refused already
+    with OutDir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite) as out:
+        resumed = None
+        if cfg.resume:
+            cfg, resumed = read_resume(cfg, explicit, out.last)
+            corpus = resume_data(cfg, resumed, out.data, log)
+            trim_metrics(out.metrics, resumed.meta["step"])
+        else:
+            if "vocab_size" in explicit and cfg.tokenizer != "bpe":
+                raise UserError(
+                    f"--vocab-size only applies to --tokenizer bpe (the {cfg.tokenizer} vocabulary is fixed)"
+                )
+            # The LR schedule's horizon is fixed now, so a resumed run with a larger --max-iters keeps it.
+            cfg = replace(cfg, lr_decay_iters=cfg.lr_decay_iters or cfg.max_iters)
+            corpus = prepare_data(cfg, out.data)
+        check_fits(cfg, model_vocab_size(corpus.tokenizer))
+        run = build_run(cfg, corpus, resumed)
+        return _train(cfg, run, corpus, out, log)
+
+
+def _train(cfg: RunConfig, run: Run, corpus: Corpus, out: OutDir, log: Callable[[str], None]) -> RunSummary:
+    """Run the loop with its callbacks, then sample; the interrupt message says what was saved."""
+    start_step, tok = run.step, corpus.tokenizer
     log(
         f"data: {corpus.source}; tokenizer {tok.kind}, vocab {tok.vocab_size}; "
         f"{corpus.meta['train_tokens']:,} train / {corpus.meta['val_tokens']:,} val tokens"
     )
     log(f"model: {run.model.num_parameters() / 1e6:.2f}M parameters, {run.model.config}")
     if start_step:
-        log(f"resuming from {resumed.path} at step {start_step}")
-
-    checkpoints = Checkpoints(cfg, run, corpus, out_dir, log)
+        log(f"resuming from {out.last} at step {start_step}")
+    checkpoints = Checkpoints(cfg, run, corpus, out)
     tokens_per_step = cfg.batch_size * cfg.model.block_size * cfg.grad_accum
-    schedule = CosineSchedule(cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters)
-    result = train(
-        run.model,
-        run.optimizer,
-        run.batches.next,
-        lambda m, batch: m(*batch)[1],
-        max_steps=cfg.max_iters,
-        start_step=start_step,
-        lr_schedule=schedule,
-        grad_clip=cfg.grad_clip or None,
-        grad_accum=cfg.grad_accum,
-        eval_fn=make_evaluator(cfg, run, corpus),
-        eval_interval=cfg.eval_interval,
-        log_interval=cfg.log_interval,
-        on_eval=checkpoints.on_eval,
-        on_interrupt=checkpoints.on_interrupt,
-        log_path=out_dir / "metrics.jsonl",
-        quiet=cfg.quiet,
-        tokens_per_step=tokens_per_step,
-    )
-    sample = ""
-    if not result.interrupted and cfg.sample_tokens > 0:
-        sample = corpus.prompt + sample_text(run.model, tok, corpus.prompt, cfg.sample_tokens, seed=cfg.seed)
-    return RunSummary(
+    try:
+        result = train(
+            run.model,
+            run.optimizer,
+            run.batches.next,
+            lambda m, batch: m(*batch)[1],
+            max_steps=cfg.max_iters,
+            start_step=start_step,
+            lr_schedule=CosineSchedule(cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters),
+            grad_clip=cfg.grad_clip or None,
+            grad_accum=cfg.grad_accum,
+            eval_fn=make_evaluator(cfg, run, corpus),
+            eval_interval=cfg.eval_interval,
+            log_interval=cfg.log_interval,
+            on_eval=checkpoints.on_eval,
+            on_interrupt=checkpoints.on_interrupt,
+            log_path=out.metrics,
+            quiet=cfg.quiet,
+            tokens_per_step=tokens_per_step,
+            time_offset=run.elapsed,
+        )
+    except NotSaved:
+        raise
+    except TrainingDiverged as e:
+        raise TrainingDiverged(f"{e}. {checkpoints.kept()}") from None
+    summary = RunSummary(
         step=result.step,
         val_loss=result.metrics.get("val_loss"),
         best_val_loss=None if math.isinf(run.best_val) else run.best_val,
@@ -356,8 +500,18 @@ def train_lm(cfg: RunConfig, explicit: set[str] | None = None, log: Callable[[st
         elapsed=result.elapsed,
         tokens_per_s=(result.step - start_step) * tokens_per_step / max(result.elapsed, 1e-9),
         interrupted=result.interrupted,
-        sample=sample,
+        sample="",
+        stop_signal=result.stop_signal,
     )
+    if result.interrupted:
+        name = signal.Signals(result.stop_signal or signal.SIGINT).name
+        summary.message = (
+            f"interrupted by {name} at step {result.step}: saved {out.last} (step {result.step}); "
+            "continue with --resume"
+        )
+    elif cfg.sample_tokens > 0:
+        summary.sample = corpus.prompt + sample_text(run.model, tok, corpus.prompt, cfg.sample_tokens, seed=cfg.seed)
+    return summary
 
 
 def sample_text(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 from tqdm import tqdm
 
 from minigpt.autograd.backend import is_array, to_device
@@ -55,6 +56,7 @@ class TrainResult:
     step: int  # completed steps: pass it back as start_step to resume
     loss: float | None  # the last logged training loss
     interrupted: bool
+    stop_signal: int | None  # the signal that interrupted the run (KeyboardInterrupt counts as SIGINT)
     metrics: dict[str, float]  # the latest evaluation's
     elapsed: float
     history: list[dict[str, Any]]  # every record also written to the JSONL log
@@ -66,8 +68,10 @@ Callback = Callable[[TrainState], Any]
 class _Reporter:
     """Where progress goes: a tqdm bar on a terminal, plain lines otherwise, nothing when quiet; plus JSONL."""
 
-    def __init__(self, state: TrainState, desc: str, quiet: bool, log_path: str | Path | None) -> None:
-        self.quiet, self.desc, self.history = quiet, desc, []
+    def __init__(
+        self, state: TrainState, desc: str, quiet: bool, log_path: str | Path | None, time_offset: float
+    ) -> None:
+        self.quiet, self.desc, self.history, self.time_offset = quiet, desc, [], time_offset
         self.bar = None
         if not quiet and sys.stdout.isatty():
             self.bar = tqdm(
@@ -79,6 +83,10 @@ class _Reporter:
             self.log = open(log_path, "a", encoding="utf-8")  # appended: a resumed run continues the file
 
     def record(self, rec: dict[str, Any]) -> None:
+        """Append `rec` to the history and the JSONL log; its "time" counts from the run's start (across
+        resumes), and "wall" is the Unix time it was written."""
+        rec["time"] = round(rec["time"] + self.time_offset, 4)
+        rec["wall"] = round(time.time(), 3)
         self.history.append(rec)
         if self.log is not None:
             self.log.write(json.dumps(rec, default=float) + "\n")
@@ -122,28 +130,36 @@ class _Reporter:
             self.log.close()
 
 
-class _SigintFlag:
-    """While active, the first Ctrl-C only sets a flag, so the step in progress finishes; a second one
-    raises KeyboardInterrupt as usual. Only in the main thread, and only if SIGINT has its default handler."""
+class _StopSignals:
+    """While active, the first SIGINT (Ctrl-C) or SIGTERM (what schedulers and containers send) only
+    sets a flag, so the step in progress finishes; a second one raises KeyboardInterrupt. Installed
+    only in the main thread, and for each signal only if it has its default handler."""
 
-    def __init__(self, on_first: Callable[[], None]) -> None:
-        self.set, self.on_first, self.installed = False, on_first, False
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, on_first: Callable[[int], None]) -> None:
+        self.signum: int | None = None
+        self.on_first = on_first
+        self.installed: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.set = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        self.on_first()
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.on_first(signum)
 
-    def __enter__(self) -> _SigintFlag:
+    def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
-            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-                signal.signal(signal.SIGINT, self._handler)
-                self.installed = True
+            for signum in self.SIGNALS:
+                previous = signal.getsignal(signum)
+                if previous in (signal.default_int_handler, signal.SIG_DFL):
+                    self.installed[signum] = previous
+                    signal.signal(signum, self._handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.installed:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum, previous in self.installed.items():
+            signal.signal(signum, previous)
 
 
 def _to_device(batch: Any, device: str) -> Any:
@@ -194,6 +210,7 @@ def train(
     quiet: bool = False,
     tokens_per_step: int | None = None,
     desc: str = "train",
+    time_offset: float = 0.0,
 ) -> TrainResult:
     """Train `model` from step `start_step` until `max_steps` optimizer steps are done.
 
@@ -203,14 +220,16 @@ def train(
     `eval_interval` is 0). Callbacks get the TrainState: `on_step_end` after every step (after any
     evaluation), `on_eval` after an evaluation, `on_interrupt` on Ctrl-C (the step in progress is
     finished, or abandoned if it cannot be), `on_diverge` before TrainingDiverged is raised.
-    `tokens_per_step` turns the throughput shown from steps/s into tokens/s.
+    `tokens_per_step` turns the throughput shown from steps/s into tokens/s. `time_offset` (seconds
+    trained before, e.g. by the run this one resumes) is added to the logged times. SIGINT and SIGTERM
+    finish the step in progress, call `on_interrupt` and return (`stop_signal` says which).
     """
     if grad_accum < 1:
         raise ValueError(f"train: grad_accum must be >= 1, got {grad_accum}")
     if start_step < 0 or max_steps < 0:
         raise ValueError(f"train: need 0 <= start_step and 0 <= max_steps (got {start_step}, {max_steps})")
     state = TrainState(step=start_step, max_steps=max_steps, lr=float(optimizer.param_groups[0]["lr"]))
-    report = _Reporter(state, desc, quiet, log_path)
+    report = _Reporter(state, desc, quiet, log_path, time_offset)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     device = params[0].device if params else "cpu"
     # Reading a value on the CPU is free, so the loss and gradient norm are checked at every step,
@@ -261,12 +280,15 @@ def train(
         if on_eval is not None:
             on_eval(state)
 
-    def interrupt_notice() -> None:
-        report.message("interrupt: finishing the current step (Ctrl-C again to abandon it)")
+    def interrupt_notice(signum: int) -> None:
+        name = signal.Signals(signum).name
+        report.message(f"{name}: finishing the current step, then saving ({name} again to abandon the step)")
 
     model.train()
     try:
-        with _SigintFlag(interrupt_notice) as sigint:
+        # Non-finite values are caught by `check` (and named there), so NumPy's warnings would only
+        # repeat them as extra lines: silenced while training.
+        with _StopSignals(interrupt_notice) as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             try:
                 while state.step < max_steps:
                     if lr_schedule is not None:
@@ -297,7 +319,7 @@ def train(
                     state.elapsed = time.perf_counter() - t0
                     if on_step_end is not None:
                         on_step_end(state)
-                    if sigint.set:
+                    if stop.signum is not None:
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
                 # A step cut short leaves partial gradients; parameters are only touched by
@@ -314,6 +336,7 @@ def train(
         step=state.step,
         loss=state.loss,
         interrupted=interrupted,
+        stop_signal=(stop.signum or signal.SIGINT) if interrupted else None,
         metrics=state.metrics,
         elapsed=time.perf_counter() - t0,
         history=report.history,

@@ -16,33 +16,49 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dataclasses import dataclass
+
+from minigpt import config
+from minigpt.config import setting
 from minigpt.data import read_text_file
 from minigpt.errors import UserError, cli_main
 from minigpt.lm import load_model, sample_text
 
 
+@dataclass
+class SampleConfig:
+    """The settings of sample.py, declared once: the flags and their checks come from here."""
+
+    out_dir: str = setting("out", "read out_dir/ckpt.npz")
+    ckpt: str | None = setting(None, "a checkpoint file (overrides --out-dir)")
+    start: str = setting("\n", "prompt text, or FILE:path to read it from")
+    num_samples: int = setting(1, "samples to draw", low=0, low_open=True)
+    max_new_tokens: int = setting(500, "tokens per sample", low=0, low_open=True)
+    temperature: float = setting(0.8, "softmax temperature; 0 = greedy", low=0)
+    top_k: int | None = setting(None, "sample from the k most likely tokens only", low=0, low_open=True)
+    top_p: float | None = setting(
+        None, "sample from the most likely tokens holding this probability", low=0, high=1, low_open=True
+    )
+    seed: int = setting(1337, "seed of the first sample (the i-th uses seed + i)", low=0)
+    device: str = setting("cpu", "cpu or cuda")
+
+    def __post_init__(self) -> None:
+        config.check_fields(self)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2 (cli_main), not usage + message
+        raise UserError(f"{message}; see --help")
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", default="out", help="read out_dir/ckpt.npz (default: out)")
-    parser.add_argument("--ckpt", help="a checkpoint file (overrides --out-dir)")
-    parser.add_argument("--start", default="\n", help='prompt text, or FILE:path to read it from (default "\\n")')
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=500)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        raise UserError("--num-samples and --max-new-tokens must be positive")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise UserError(f"--top-k must be positive, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_arguments(parser, SampleConfig)
+    try:
+        args = SampleConfig(**vars(parser.parse_args(argv)))
+    except config.InvalidSetting as e:
+        raise UserError(f"{config.flag(e.name)} {e.problem}") from None
     path = Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "ckpt.npz"
     if not path.exists():
         raise UserError(f"no checkpoint at {path}; train first (scripts/train_gpt.py) or pass --ckpt FILE")

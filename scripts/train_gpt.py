@@ -5,13 +5,16 @@
     python scripts/train_gpt.py --config run.toml --n-layer 6    # TOML sets defaults, flags win
     python scripts/train_gpt.py --resume                         # continue out/last.npz
 
-Writes out_dir/ckpt.npz (best val loss), out_dir/last.npz (latest) and out_dir/metrics.jsonl.
-Ctrl-C saves last.npz and exits; sample with scripts/sample.py.
+Writes out_dir/ckpt.npz (best val loss), out_dir/last.npz (latest) and out_dir/metrics.jsonl; an
+out-dir holds one run (a new run there needs --overwrite) and is locked while it trains. Ctrl-C or
+SIGTERM saves last.npz and exits 130/143; --resume continues from it with nothing else needed.
+Sample with scripts/sample.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt import config
-from minigpt.errors import UserError, cli_main
+from minigpt.errors import Interrupted, UserError, cli_main
 from minigpt.lm import RunConfig, train_lm
 
 
@@ -67,10 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     except config.InvalidSetting as e:
         raise UserError(f"{config.flag(e.name)} {e.problem}") from None
     except KeyboardInterrupt:  # before training started (data preparation): nothing to save
-        print("\ninterrupted before training started; nothing was saved", file=sys.stderr)
-        return
-    if summary.interrupted:
-        return
+        raise Interrupted("\ninterrupted before training started; nothing was saved", signal.SIGINT) from None
+    if summary.interrupted:  # Ctrl-C or SIGTERM: last.npz was saved; exit 130 or 143
+        raise Interrupted(summary.message, summary.stop_signal or signal.SIGINT)
     if summary.val_loss is not None:
         print(
             f"done: step {summary.step}, val loss {summary.val_loss:.4f} (best {summary.best_val_loss:.4f}), "
