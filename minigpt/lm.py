@@ -27,6 +27,7 @@ from minigpt.outdir import OutDir
 from minigpt.tokenizers import (
     BPETokenizer,
     CharTokenizer,
+    StreamDecoder,
     TiktokenTokenizer,
     Tokenizer,
     padded_vocab_size,
@@ -519,32 +520,29 @@ def sample_text(
 ) -> str:
     """Generate from `prompt` and return the new text; with `stream` (a file), write it as it comes.
 
-    Text is decoded from all new ids each step and only the new suffix written, so multi-byte
-    characters split across BPE tokens come out whole: while the decoded text ends in U+FFFD (a
-    character's bytes so far), nothing is written. Only ids below the tokenizer's vocab_size are
-    sampled, never the model's padding rows.
+    Ids are decoded as they come (`StreamDecoder`, constant cost per token), and a multi-byte character
+    split across BPE tokens is written once its last byte arrives. Only ids below the tokenizer's
+    vocab_size are sampled, never the model's padding rows.
     """
     if not prompt:
         raise UserError("the prompt is empty; pass --start with at least one character")
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         raise UserError(f"the prompt {prompt!r} encodes to no tokens; use a different --start")
-    new_ids: list[int] = []
-    shown = ""
+    decoder = StreamDecoder(tokenizer)
+    pieces: list[str] = []
     for ids in model.generate_tokens(
         np.array([prompt_ids]), max_new_tokens, vocab_limit=tokenizer.vocab_size, **kwargs
     ):
-        new_ids.append(int(ids[0]))
-        text = tokenizer.decode(new_ids)
-        if stream is not None and not text.endswith("\ufffd"):  # wait for a character's last byte
-            stream.write(text[len(shown) :])
+        pieces.append(decoder.step([int(ids[0])]))
+        if stream is not None and pieces[-1]:
+            stream.write(pieces[-1])
             stream.flush()
-            shown = text
-    text = tokenizer.decode(new_ids)
-    if stream is not None and len(text) > len(shown):
-        stream.write(text[len(shown) :])
+    pieces.append(decoder.finish())  # a character cut short by the end shows as U+FFFD
+    if stream is not None and pieces[-1]:
+        stream.write(pieces[-1])
         stream.flush()
-    return text
+    return "".join(pieces)
 
 
 __all__ = ["RunConfig", "RunSummary", "load_model", "sample_text", "train_lm"]

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import base64
+import codecs
 import contextlib
 import functools
 import heapq
@@ -61,8 +62,31 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The UTF-8 bytes of `ids` (a byte-level BPE token may hold part of a character)."""
+        return self.decode(ids).encode("utf-8")
+
     def to_dict(self) -> dict[str, Any]:
         raise NotImplementedError
+
+
+class StreamDecoder:
+    """Decodes ids as they arrive, at a constant cost per id (streamed sampling).
+
+    `step(ids)` returns the text of the characters completed so far; a character whose bytes are split
+    across tokens waits for its last byte. `finish()` returns what is left (U+FFFD for a truncated
+    character). All the pieces joined equal `tokenizer.decode(all_ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._bytes = tokenizer.decode_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def step(self, ids: Iterable[int]) -> str:
+        return self._utf8.decode(self._bytes(ids))
+
+    def finish(self) -> str:
+        return self._utf8.decode(b"", final=True)
 
 
 class CharTokenizer(Tokenizer):
@@ -115,8 +139,11 @@ class _TiktokenBacked(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         # errors="replace": a model may emit a token sequence that splits a multi-byte character.
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
         try:
-            return self._enc.decode(_int_list(ids), errors="replace")
+            return self._enc.decode_bytes(_int_list(ids))
         except KeyError as e:
             raise UserError(
                 f"token id outside this tokenizer's vocabulary of {self.vocab_size} ({e.args[0]}); "

@@ -10,13 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minigpt.gpt import GPT, GPTConfig
 from minigpt.lm import RunConfig, build_tokenizer, load_model, model_vocab_size, sample_text
-from minigpt.tokenizers import BPETokenizer, padded_vocab_size
+from minigpt.tokenizers import BPETokenizer, CharTokenizer, StreamDecoder, padded_vocab_size
 
 ROOT = Path(__file__).resolve().parents[1]
 UNICODE_TEXT = "日本語のテキストです。 naïve café 😀🎉 Ωμέγα. 中文字符，漢字。 🚀 ok\n" * 40
+STREAM_TOKENIZERS = {"bpe": BPETokenizer.train(UNICODE_TEXT, 290), "char": CharTokenizer.from_text(UNICODE_TEXT)}
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import sample as sample_script  # noqa: E402
@@ -191,6 +194,27 @@ def test_streaming_flushes_broken_bytes_at_the_end():
     text = sample_text(Replay(ids), tokenizer, "x", len(ids), stream=stream)
     assert text == tokenizer.decode(ids) and text.startswith("a\ufffdb") and text.endswith("\ufffd")
     assert "".join(stream.writes) == text  # nothing lost or repeated, even for invalid byte sequences
+
+
+def test_streaming_decodes_each_id_once():
+    tokenizer = BPETokenizer.train(UNICODE_TEXT, 290)
+    ids = tokenizer.encode(UNICODE_TEXT)
+    seen = []
+    decode_bytes = tokenizer.decode_bytes
+    tokenizer.decode_bytes = lambda chunk: seen.extend(chunk) or decode_bytes(chunk)
+    text = sample_text(Replay(ids), tokenizer, "x", len(ids), stream=Recorder())
+    assert text == UNICODE_TEXT and seen == ids  # constant work per token: no id is decoded twice
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 289), max_size=40), st.sampled_from(["bpe", "char"]))
+def test_stream_decoder_pieces_equal_decode(ids, kind):
+    tokenizer = STREAM_TOKENIZERS[kind]
+    ids = [i % tokenizer.vocab_size for i in ids]
+    decoder = StreamDecoder(tokenizer)
+    pieces = [decoder.step([i]) for i in ids] + [decoder.finish()]
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert all("\ufffd" not in p for p in pieces[:-1]) or "\ufffd" in tokenizer.decode(ids)
 
 
 def load_prepare_script():
