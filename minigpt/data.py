@@ -258,7 +258,15 @@ def load_tokens(data_dir: str | os.PathLike[str], split: str) -> np.ndarray:
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     meta = load_meta(data_dir)
-    dtype = np.dtype(meta["dtype"])
+    try:
+        dtype = np.dtype(meta["dtype"])
+    except TypeError:
+        dtype = np.dtype(np.object_)  # reported just below
+    if dtype.kind not in "iu":  # a float or text "token" file would be its bytes reinterpreted
+        raise UserError(
+            f"{Path(data_dir) / META_FILE} gives dtype {meta['dtype']!r}; token files hold integer ids "
+            "(uint16 or uint32): re-run the prepare script"
+        )
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise UserError(f"{path} not found; re-run the prepare script")

@@ -192,6 +192,11 @@ class GPT(nn.Module):
         Generation runs the same model through _next_logits (plain arrays, a KV cache).
         """
         ids = idx.data if isinstance(idx, Tensor) else idx if is_array(idx) else np.asarray(idx)
+        if ids.ndim != 2 or ids.size == 0 or ids.dtype.kind not in "iu":
+            raise ValueError(
+                f"GPT expects idx as (B, T) integer token ids with B, T >= 1, got shape {ids.shape} of {ids.dtype}; "
+                "a single sequence is idx[None, :]"
+            )
         B, T = ids.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")

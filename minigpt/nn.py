@@ -283,15 +283,19 @@ class Module:
             for k, a in arrays.items()
             if tuple(a.shape) != targets[k].shape
         ]
-        problems = {"shape mismatch": mismatched}
+        not_numeric = [f"{k} (dtype {a.dtype})" for k, a in arrays.items() if a.dtype.kind not in "biuf"]
+        problems = {"shape mismatch": mismatched, "not numbers": not_numeric}
         if strict:
             problems.update(missing=missing, unexpected=unexpected)
         raise_state_problems(
             f"load_state_dict into {type(self).__name__}", problems, "was it saved from a model with the same config?"
         )
-        for k, a in arrays.items():
-            t = targets[k]
-            t.data[...] = backend.to_device(a, t.device).astype(t.dtype, copy=False)
+        # Convert (and move) everything before writing anything: a failure here leaves the model as it was.
+        converted = {
+            k: backend.to_device(a, targets[k].device).astype(targets[k].dtype, copy=False) for k, a in arrays.items()
+        }
+        for k, a in converted.items():
+            targets[k].data[...] = a
         return IncompatibleKeys(missing, unexpected)
 
     # ------------------------------------------------------------------ printing

@@ -150,13 +150,14 @@ class Optimizer:
         problems[f"incomplete state (needs {', '.join(self._required_kinds())})"] = incomplete
         hint = "was it saved for the same model and optimizer?"
         raise_state_problems(f"{type(self).__name__}.load_state_dict", problems, hint)
-        self.state = {}
+        new_state = {}  # built whole before it replaces the old: a failure part-way changes nothing
         for name, entries in loaded.items():
             p = params[name]
-            self.state[name] = {
+            new_state[name] = {
                 kind: int(v) if kind == "step" else backend.to_device(v, p.device).astype(p.dtype, copy=True)
                 for kind, v in entries.items()
             }
+        self.state = new_state
 
     def _required_kinds(self) -> tuple[str, ...]:
         return self.state_kinds

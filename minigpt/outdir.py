@@ -97,9 +97,9 @@ class OutDir:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                os.close(fd)
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
+                    break  # a file system without flock (some network mounts): run unprotected
+                os.close(fd)
                 raise UserError(
                     f"--out-dir {self.path} is in use by another run ({describe_holder(path)}); wait for it "
                     "to finish or pass another --out-dir"

@@ -346,3 +346,66 @@ def test_malformed_metadata_is_one_line(trained, capsys, key, value, words):
     save_checkpoint(trained / "last.npz", model=state, optimizer=optim, meta=meta)
     err = exit_2(capsys, train_script.main, ["--out-dir", str(trained), "--resume", "--quiet"])
     assert "malformed metadata" in err and words in err, err
+
+
+# ----------------------------------------------------------------------------- library misuse: clear exceptions
+
+
+def test_load_state_dict_is_all_or_nothing():
+    from minigpt.gpt import GPT, GPTConfig
+    from minigpt.nn import StateDictError
+
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    before = model.state_dict()
+    state = {k: np.zeros_like(v) for k, v in before.items()}
+    state["transformer.ln_f.weight"] = np.array(["x"] * 16)  # fails only when converted
+    with pytest.raises(StateDictError, match="not numbers: transformer.ln_f.weight"):
+        model.load_state_dict(state)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])  # nothing was written
+
+
+def test_gpt_rejects_1d_or_empty_idx():
+    from minigpt.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    for idx in (np.array([1, 2, 3]), np.zeros((1, 0), dtype=np.int64), np.zeros((0, 3), dtype=np.int64)):
+        with pytest.raises(ValueError, match=r"\(B, T\) integer token ids"):
+            model(idx)
+    with pytest.raises(ValueError, match="integer token ids"):
+        model(np.ones((1, 3)))
+
+
+def test_float_token_file_is_refused(tmp_path):
+    from minigpt.data import load_tokens
+    from minigpt.errors import UserError
+
+    np.ones(8, dtype=np.float16).tofile(tmp_path / "train.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 5, "dtype": "float16", "train_tokens": 8}))
+    with pytest.raises(UserError, match="'float16'.*integer ids"):
+        load_tokens(tmp_path, "train")
+
+
+def test_mean_of_an_empty_tensor_is_nan():
+    import minigpt
+
+    assert np.isnan(minigpt.tensor(np.zeros(0, dtype=np.float32)).mean().item())
+    assert np.isnan(minigpt.tensor(np.zeros((2, 0))).mean(dim=1).numpy()).all()
+
+
+def test_optimizer_load_state_dict_changes_nothing_when_it_fails():
+    from minigpt import nn, optim
+
+    model = nn.MLP(3, [4, 1], rng=np.random.default_rng(0))
+    opt = optim.AdamW(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = np.ones_like(p.data)
+    opt.step()
+    saved = opt.state_dict()
+    bad = dict(saved)
+    last = sorted(k for k in bad if k.startswith("exp_avg/"))[-1]
+    bad[last] = np.full(bad[last].shape, "x")
+    with pytest.raises(ValueError):
+        opt.load_state_dict(bad)
+    for k, v in opt.state_dict().items():
+        np.testing.assert_array_equal(v, saved[k])

@@ -435,7 +435,8 @@ def _count(a: Tensor, axes: tuple[int, ...]) -> int:
 
 def mean(a: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> Tensor:
     axes = _axes(dim, a.ndim)
-    return Sum.apply(a, axes=axes, keepdim=keepdim) * (1.0 / builtins.max(_count(a, axes), 1))
+    count = _count(a, axes)
+    return Sum.apply(a, axes=axes, keepdim=keepdim) * (1.0 / count if count else float("nan"))  # empty: nan, as torch
 
 
 def max(a: Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> Tensor:  # noqa: A001
