@@ -47,6 +47,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from minigpt.autograd import parallel
 from minigpt.autograd.backend import cupy_module, get_array_module, normalize_device, to_device
+from minigpt.errors import UserError, cli_main
 from minigpt.gpt import GPT, GPTConfig
 from minigpt.optim import AdamW, clip_grad_norm_
 
@@ -278,7 +279,8 @@ def bench_sampling(s: dict[str, int], device: str, new_tokens: int, repeats: int
     print(f"  cache speed-up: {rates[True] / rates[False]:.1f}x")
 
 
-def main() -> None:
+@cli_main
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), help="a named size (default S)")
     for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "vocab_size"):
@@ -292,8 +294,11 @@ def main() -> None:
     parser.add_argument("--sample-tokens", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=2, help="processes per engine, taking turns")
     parser.add_argument("--child", choices=["minigpt", "torch"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    args.device = normalize_device(args.device)  # "cuda:0" -> "cuda"; a clear error without CuPy or a GPU
+    args = parser.parse_args(argv)
+    try:
+        args.device = normalize_device(args.device)  # "cuda:0" -> "cuda"
+    except (ValueError, RuntimeError) as e:  # no CuPy or no usable GPU: the cause in one line
+        raise UserError(f"--device {args.device} is unusable: {e}") from None
     s = settings(args)
     if args.child:
         child_main(args, s)
@@ -310,8 +315,7 @@ def main() -> None:
         try:
             import torch  # noqa: F401
         except ImportError:
-            print("error: --vs-torch needs PyTorch (pip install torch==2.13.0)", file=sys.stderr)
-            sys.exit(2)
+            raise UserError("--vs-torch needs PyTorch: pip install torch") from None
         engines.append("torch")
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
     for _ in range(args.rounds):
