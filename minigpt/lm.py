@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from minigpt.autograd import no_grad
 from minigpt.autograd.backend import cupy_module, normalize_device, to_device, to_numpy
 from minigpt.checkpoint import check_meta, load_checkpoint, meta_error, save_checkpoint
 from minigpt.config import InvalidSetting, check_fields, flag, flat_fields, from_flat, setting, to_flat
@@ -79,6 +80,11 @@ class RunConfig:
     resume: bool = setting(
         False, "continue from out_dir/last.npz: its settings, token files, model, optimizer, step and RNG state"
     )
+    init_from: str | None = setting(
+        None,
+        "start a new run from these weights with a fresh optimizer: a minigpt .npz, nanoGPT's ckpt.pt, or a "
+        "Hugging Face GPT-2 folder or name (gpt2); the model's shape and tokenizer are theirs",
+    )
     overwrite: bool = setting(False, "start a new run in an --out-dir that holds one, deleting its checkpoints")
     sample_tokens: int = setting(200, "length of the sample printed at the end (0: none)", **NON_NEGATIVE)
     quiet: bool = setting(False, "no progress output")
@@ -91,6 +97,8 @@ class RunConfig:
             raise InvalidSetting("device", f"is unusable: {e}") from None
         if self.resume and self.overwrite:
             raise InvalidSetting("overwrite", "cannot be combined with --resume (it would delete what to resume)")
+        if self.resume and self.init_from:
+            raise InvalidSetting("init_from", "starts a new run; --resume continues one from its own checkpoint")
 
 
 # Settings that fix the model's shape: a checkpoint decides them on --resume.
@@ -99,7 +107,7 @@ MODEL_SETTINGS = tuple(flat_fields(GPTConfig))
 FIXED_ON_RESUME = ("data", "tokenizer", "vocab_size", *MODEL_SETTINGS)
 # ... these are this invocation's own, never taken from the checkpoint; every other setting is the
 # checkpoint's unless the user sets it again (e.g. a larger --max-iters).
-NOT_RESUMED = ("out_dir", "resume", "overwrite", "quiet", "device")
+NOT_RESUMED = ("out_dir", "resume", "overwrite", "quiet", "device", "init_from")
 
 
 def build_tokenizer(cfg: RunConfig, text: str) -> Tokenizer:
@@ -174,12 +182,65 @@ class RunSummary:
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict[str, Any]]:
-    """A GPT and its tokenizer from a checkpoint written by `train_lm`."""
-    state, _, meta = load_checkpoint(path)
-    config, tokenizer = read_model_meta(path, meta)
-    model = GPT(config)
-    model.load_state_dict(state)
-    return model.to(device).eval(), tokenizer, meta
+    """A GPT, its tokenizer and metadata from a minigpt checkpoint (a run's or weights-only .npz),
+    nanoGPT's ckpt.pt (needs PyTorch), or a Hugging Face GPT-2 folder or cached name (`gpt2`)."""
+    from minigpt import nanogpt, weights  # they import this module's neighbours, not it
+
+    if str(path).endswith(".pt"):
+        model, tokenizer_dict, meta = nanogpt.read_nanogpt(path)
+        meta = {**meta, "tokenizer": tokenizer_dict}
+    elif str(path).endswith(".npz") or Path(path).is_file():
+        state, _, meta = load_checkpoint(path)
+        config, tokenizer = read_model_meta(path, meta)
+        model = GPT(config)
+        model.load_state_dict(state)
+        return model.to(device).eval(), tokenizer, meta
+    else:
+        model, tokenizer_dict = weights.load_hf(path)
+        if tokenizer_dict is None:
+            raise UserError(
+                f"{path}: no tokenizer is known for its {model.config.vocab_size}-id vocabulary "
+                "(GPT-2's has 50,257; a minigpt export records its own in config.json)"
+            )
+        meta = {"tokenizer": tokenizer_dict, "source": str(path)}
+    meta["model_config"] = model.config.to_dict()
+    return model.to(device).eval(), tokenizer_from_dict(meta["tokenizer"]), meta
+
+
+def read_init(cfg: RunConfig, explicit: set[str]) -> tuple[RunConfig, GPT, Tokenizer]:
+    """--init-from: the weights and tokenizer to start from, and `cfg` with their model shape.
+
+    As nanoGPT's init_from, only dropout and a smaller block_size may be chosen (the position
+    table is cropped); a different tokenizer or shape is an error.
+    """
+    model, tokenizer, _ = load_model(cfg.init_from)
+    source = model.config
+    kinds = {"char": "char", "bpe": "bpe", "tiktoken": "gpt2" if getattr(tokenizer, "name", "") == "gpt2" else ""}
+    clashes = [
+        f"{flag(name)} {getattr(cfg.model, name)} (theirs: {getattr(source, name)})"
+        for name in MODEL_SETTINGS
+        if name in explicit
+        and name not in ("dropout", "block_size")
+        and getattr(cfg.model, name) != getattr(source, name)
+    ]
+    if "tokenizer" in explicit and cfg.tokenizer != kinds.get(tokenizer.kind):
+        clashes.append(f"--tokenizer {cfg.tokenizer} (theirs: {tokenizer.kind})")
+    block_size = cfg.model.block_size if "block_size" in explicit else source.block_size
+    if block_size > source.block_size:
+        clashes.append(f"--block-size {block_size} (theirs: {source.block_size}; it can only shrink)")
+    if clashes:
+        raise UserError(f"--init-from {cfg.init_from} fixes the model and vocabulary: {'; '.join(clashes)}")
+    config = replace(source, block_size=block_size, dropout=cfg.model.dropout)
+    if config != source:  # a new model with the cropped position table (and the run's dropout)
+        state = model.state_dict()
+        if "transformer.wpe.weight" in state:
+            state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
+        model = GPT(config)
+        model.load_state_dict(state)
+    cfg = replace(cfg, model=config, tokenizer=kinds.get(tokenizer.kind) or cfg.tokenizer)
+    if tokenizer.kind == "bpe":
+        cfg = replace(cfg, vocab_size=tokenizer.vocab_size)
+    return cfg, model, tokenizer
 
 
 def read_model_meta(path: str | Path, meta: dict[str, Any]) -> tuple[GPTConfig, Tokenizer]:
@@ -311,9 +372,12 @@ class Run:
     elapsed: float = 0.0
 
 
-def build_run(cfg: RunConfig, corpus: Corpus, resumed: Resumed | None) -> Run:
-    """A fresh model (weights from cfg.seed) or the resumed one, on cfg.device."""
-    model = GPT(replace(cfg.model, vocab_size=model_vocab_size(corpus.tokenizer)), rng=np.random.default_rng(cfg.seed))
+def build_run(cfg: RunConfig, corpus: Corpus, resumed: Resumed | None, init: GPT | None = None) -> Run:
+    """A fresh model (weights from cfg.seed, or `init`'s) or the resumed one, on cfg.device."""
+    vocab_size = model_vocab_size(corpus.tokenizer)
+    if resumed is not None:  # a model started from other weights keeps their vocabulary (GPT-2's: unpadded)
+        vocab_size = resumed.meta["model_config"].get("vocab_size", vocab_size)
+    model = init or GPT(replace(cfg.model, vocab_size=vocab_size), rng=np.random.default_rng(cfg.seed))
     optimizer = AdamW(
         model.parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
     )
@@ -438,7 +502,7 @@ def train_lm(cfg: RunConfig, explicit: set[str] | None = None, log: Callable[[st
     explicit = set(explicit or ())
     check_fits(cfg, vocab_size=1)  # the vocabulary is not known yet; absurd sizes are refused already
     with OutDir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite) as out:
-        resumed = None
+        resumed, init = None, None
         if cfg.resume:
             cfg, resumed = read_resume(cfg, explicit, out.last)
             corpus = resume_data(cfg, resumed, out.data, log)
@@ -450,9 +514,20 @@ def train_lm(cfg: RunConfig, explicit: set[str] | None = None, log: Callable[[st
                 )
             # The LR schedule's horizon is fixed now, so a resumed run with a larger --max-iters keeps it.
             cfg = replace(cfg, lr_decay_iters=cfg.lr_decay_iters or cfg.max_iters)
-            corpus = prepare_data(cfg, out.data)
+            tokenizer = None
+            if cfg.init_from:
+                cfg, init, tokenizer = read_init(cfg, explicit)
+                log(f"init from {cfg.init_from}: weights and tokenizer ({tokenizer.kind}), a fresh optimizer")
+            corpus = prepare_data(cfg, out.data, tokenizer=tokenizer)
         check_fits(cfg, model_vocab_size(corpus.tokenizer))
-        run = build_run(cfg, corpus, resumed)
+        run = build_run(cfg, corpus, resumed, init)
+        if init is not None:  # the starting point, on the same batches as every later evaluation
+            with no_grad():
+                run.model.eval()
+                metrics = make_evaluator(cfg, run, corpus)()
+                run.model.train()
+            train_loss, val_loss = metrics["train_loss"], metrics["val_loss"]
+            log(f"step 0 (the --init-from weights): train loss {train_loss:.4f}, val loss {val_loss:.4f}")
         return _train(cfg, run, corpus, out, log)
 
 

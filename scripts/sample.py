@@ -3,6 +3,7 @@
 python scripts/sample.py                                   # out/ckpt.npz, prompt "\\n"
 python scripts/sample.py --start "ROMEO:" --num-samples 3 --temperature 0.8 --top-k 40
 python scripts/sample.py --ckpt out/last.npz --start FILE:prompt.txt --temperature 0   # greedy
+python scripts/sample.py --init-from gpt2 --start "Hello, I'm a language model,"   # GPT-2 (Hugging Face files)
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class SampleConfig:
 
     out_dir: str = setting("out", "read out_dir/ckpt.npz")
     ckpt: str | None = setting(None, "a checkpoint file (overrides --out-dir)")
+    init_from: str | None = setting(
+        None, "sample other weights: nanoGPT's ckpt.pt, or a Hugging Face GPT-2 folder or name (gpt2)"
+    )
     start: str = setting("\n", "prompt text, or FILE:path to read it from")
     num_samples: int = setting(1, "samples to draw", low=0, low_open=True)
     max_new_tokens: int = setting(500, "tokens per sample", low=0, low_open=True)
@@ -60,7 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     except config.InvalidSetting as e:
         raise UserError(f"{config.flag(e.name)} {e.problem}") from None
     path = Path(args.ckpt) if args.ckpt else Path(args.out_dir) / "ckpt.npz"
-    if not path.exists():
+    if args.init_from:
+        path = args.init_from  # a file, folder or model name: load_model tells what is missing
+    elif not path.exists():
         raise UserError(f"no checkpoint at {path}; train first (scripts/train_gpt.py) or pass --ckpt FILE")
     start = read_text_file(args.start[5:]) if args.start.startswith("FILE:") else args.start
     try:

@@ -149,12 +149,16 @@ def nanogpt_run(tmp_path, bias=True, compiled=False):
     return model, meta
 
 
-def run_convert(*args, cwd):
+def run_script(script, *args, cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "convert_nanogpt.py"), *map(str, args)],
+        [sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
         cwd=cwd, env=env, capture_output=True, text=True,
     )  # fmt: skip
+
+
+def run_convert(*args, cwd):
+    return run_script("convert_nanogpt.py", *args, cwd=cwd)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -171,6 +175,10 @@ def test_converted_model_generates_nanogpts_greedy_tokens(tmp_path, compiled):
     ids = torch.tensor([[meta["stoi"][c] for c in prompt]])
     expected = "".join(meta["itos"][int(i)] for i in nano.generate(ids, 40, top_k=1)[0, len(prompt) :])
     assert sample_text(model, tokenizer, prompt, 40, temperature=0) == expected
+    # sample.py reads the .pt itself too (meta.pkl beside it or in data/<dataset>/, as nanoGPT's sample.py)
+    r = run_script("sample.py", "--init-from", "out/ckpt.pt", "--start", prompt, "--max-new-tokens", "40",
+                   "--temperature", "0", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.startswith(prompt + expected), r.stderr
 
 
 @pytest.mark.parametrize("bias", [True, False])
