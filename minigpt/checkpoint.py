@@ -3,6 +3,7 @@
 Layout (all plain arrays, so `np.load(..., allow_pickle=False)` reads it and nothing executes code):
     model/<name>   each model parameter/buffer, e.g. model/transformer.wte.weight
     optim/<name>   each optimizer state array, e.g. optim/exp_avg.transformer.wte.weight
+                   (a tied weight is stored once; meta's `tied` maps its other names to the stored one)
     meta.json      uint8 array of UTF-8 JSON: config, tokenizer, step, best val loss, RNG state,
                    and `format_version`
 """
@@ -25,6 +26,7 @@ FORMAT_VERSION = 1
 MODEL_PREFIX = "model/"
 OPTIM_PREFIX = "optim/"
 META_KEY = "meta.json"
+TIED_KEY = "tied"  # in meta: {name: the name it shares its array with}, for weights stored once
 # What reading a damaged zip/npy can raise (zipfile raises NotImplementedError for mangled headers).
 _READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, NotImplementedError, zlib.error)
 
@@ -62,8 +64,13 @@ def save_checkpoint(
     complete, so a crash mid-save leaves the previous checkpoint intact. `path` is used exactly as
     given (np.savez adds `.npz` only to file names, and here it writes to an open file).
     """
-    arrays = _plain_arrays(MODEL_PREFIX, model)
+    # A tied weight under several names (one array object, as state_dict() gives it) is stored once.
+    first_name: dict[int, str] = {}
+    tied = {name: first_name.setdefault(id(v), name) for name, v in model.items()}
+    tied = {name: target for name, target in tied.items() if name != target}
+    arrays = _plain_arrays(MODEL_PREFIX, {k: v for k, v in model.items() if k not in tied})
     arrays.update(_plain_arrays(OPTIM_PREFIX, optimizer or {}))
+    meta = {**meta, TIED_KEY: tied} if tied else meta
     meta_text = json.dumps({**meta, "format_version": FORMAT_VERSION}, default=_json_default)
     arrays[META_KEY] = np.frombuffer(meta_text.encode("utf-8"), dtype=np.uint8)
     with atomic_write(path) as f:
@@ -105,6 +112,13 @@ def load_checkpoint(
 
     meta = _read_meta(p, arrays.pop(META_KEY, None))
     model = {k[len(MODEL_PREFIX) :]: v for k, v in arrays.items() if k.startswith(MODEL_PREFIX)}
+    tied = meta.pop(TIED_KEY, None) or {}
+    for name, target in tied.items() if isinstance(tied, dict) else [(TIED_KEY, None)]:
+        if not isinstance(target, str) or target not in model:
+            raise UserError(
+                f"checkpoint {p}: {name} is tied to {target}, which it does not hold; use another checkpoint"
+            )
+        model[name] = model[target]
     optim = {k[len(OPTIM_PREFIX) :]: v for k, v in arrays.items() if k.startswith(OPTIM_PREFIX)}
     return model, (optim or None), meta
 

@@ -160,29 +160,37 @@ def nanogpt_to_minigpt(ckpt: str | Path, out: str | Path, meta_pkl: str | Path |
 
 
 def minigpt_to_nanogpt(checkpoint: str | Path, out_dir: str | Path) -> list[Path]:
-    """Write nanoGPT's ckpt.pt (and meta.pkl for a character vocabulary) from a minigpt checkpoint.
-
-    nanoGPT's model knows learned positions and exact GELU: a sinusoidal model exports its table as
-    wpe (exact); a tanh-GELU model is refused, since nanoGPT would compute a different function.
-    """
-    torch = _torch()
+    """Write nanoGPT's ckpt.pt (and meta.pkl for a character vocabulary) from a minigpt checkpoint."""
     state, _, meta = load_checkpoint(checkpoint)
     try:
-        config = GPTConfig(**meta["model_config"])
-        tokenizer = meta["tokenizer"]
+        model = GPT(GPTConfig(**meta["model_config"]))
+        tokenizer = dict(meta["tokenizer"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{checkpoint}: not a minigpt GPT checkpoint ({e})") from None
+    model.load_state_dict(state)
+    return write_nanogpt(model, tokenizer, out_dir, meta, where=str(checkpoint))
+
+
+def write_nanogpt(
+    model: GPT, tokenizer: dict[str, Any], out_dir: str | Path, meta: dict[str, Any] | None = None, where: str = "model"
+) -> list[Path]:
+    """nanoGPT's ckpt.pt (+ meta.pkl for characters) of a model; meta gives step, best_val_loss, run_config.
+
+    nanoGPT's model knows learned positions and exact GELU: a sinusoidal model exports its table as
+    wpe (exact); a tanh-GELU model is refused, since nanoGPT would compute a different function. No
+    optimizer state is written: nanoGPT samples and fine-tunes it, but cannot --resume it.
+    """
+    torch = _torch()
+    config, meta = model.config, meta or {}
     if config.gelu != "none":
         raise UserError(
-            f"{checkpoint} uses the tanh GELU; nanoGPT's model computes the exact GELU (nn.GELU()), so it would "
-            "not reproduce this model. Export it to Hugging Face instead (save_pretrained: activation gelu_new)"
+            f"{where} uses the tanh GELU; nanoGPT's model computes the exact GELU (nn.GELU()), so it would "
+            "not reproduce this model. Export it to Hugging Face instead (activation gelu_new)"
         )
     if tokenizer.get("kind") not in ("char", "tiktoken") or (
         tokenizer.get("kind") == "tiktoken" and tokenizer.get("name") != "gpt2"
     ):
-        raise UserError(f"{checkpoint}: nanoGPT knows character vocabularies (meta.pkl) and GPT-2's only")
-    model = GPT(config)
-    model.load_state_dict(state)
+        raise UserError(f"{where}: nanoGPT knows character vocabularies (meta.pkl) and GPT-2's only")
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in model.state_dict().items()}
     if config.pos_encoding != "learned":
         tensors["transformer.wpe.weight"] = torch.from_numpy(sinusoidal_table(config.block_size, config.n_embd))

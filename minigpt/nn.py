@@ -263,9 +263,16 @@ class Module:
     def state_dict(self) -> dict[str, np.ndarray]:
         """{name: NumPy copy} of every parameter (each name of a tied one) and persistent buffer.
 
-        Copies to the host; the live model stays where it is.
+        Copies to the host; the live model stays where it is. A tied parameter is copied once and
+        its names share that one array (as PyTorch's share storage), so savers can store it once.
         """
-        return {name: _host_copy(t.data) for name, t in self._state_tensors().items()}
+        copies: dict[int, np.ndarray] = {}
+        out = {}
+        for name, t in self._state_tensors().items():
+            if id(t) not in copies:
+                copies[id(t)] = _host_copy(t.data)
+            out[name] = copies[id(t)]
+        return out
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> IncompatibleKeys:
         """Copy `state` into the existing arrays (keeping their device and dtype).

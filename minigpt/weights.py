@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from minigpt.checkpoint import save_checkpoint
 from minigpt.data import atomic_write
 from minigpt.errors import UserError
 from minigpt.gpt import GPT, GPTConfig, sinusoidal_table
@@ -381,3 +382,17 @@ def tokenizer_vocab_size(tokenizer: dict[str, Any] | None) -> int | None:
     from minigpt.tokenizers import tokenizer_from_dict
 
     return tokenizer_from_dict(tokenizer).vocab_size
+
+
+def save_weights(
+    path: str | os.PathLike[str], model: GPT, tokenizer: dict[str, Any], meta: dict[str, Any] | None = None
+) -> Path:
+    """A weights-only minigpt checkpoint: config, tokenizer and weights (a tied one once), no optimizer state.
+
+    `load_model`, sample.py and `--init-from` read it; `--resume` cannot (there is no run to resume).
+    From `meta` the step, best val loss and data source are kept.
+    """
+    kept = {k: v for k, v in (meta or {}).items() if k in ("step", "best_val_loss", "data", "source")}
+    meta = {"model_config": model.config.to_dict(), "tokenizer": tokenizer, **kept, "weights_only": True}
+    save_checkpoint(path, model=model.state_dict(), optimizer=None, meta=meta)
+    return Path(path)

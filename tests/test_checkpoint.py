@@ -179,3 +179,18 @@ def test_pickled_npz_member_is_refused(tmp_path: Path) -> None:
     np.savez(path, **{"model/w": np.array([{"a": 1}], dtype=object)})  # contains a pickle
     assert zipfile.is_zipfile(path)
     one_line_error(path, "corrupt")
+
+
+def test_a_tied_weight_from_state_dict_is_stored_once(tmp_path):
+    from minigpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=300, n_embd=64, n_layer=1, n_head=2))
+    state = model.state_dict()
+    assert state["lm_head.weight"] is state["transformer.wte.weight"]  # one copy, both names
+    save_checkpoint(tmp_path / "ck.npz", model=state, optimizer=None, meta={"x": 1})
+    with np.load(tmp_path / "ck.npz") as npz:
+        assert "model/transformer.wte.weight" in npz.files and "model/lm_head.weight" not in npz.files
+    loaded, _, meta = load_checkpoint(tmp_path / "ck.npz")
+    assert loaded.keys() == state.keys() and "tied" not in meta
+    np.testing.assert_array_equal(loaded["lm_head.weight"], state["transformer.wte.weight"])
+    GPT(model.config).load_state_dict(loaded)
