@@ -12,9 +12,11 @@ import argparse
 import dataclasses
 import math
 import typing
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
+
+from minigpt.errors import UserError
 
 
 class InvalidSetting(ValueError):
@@ -171,6 +173,13 @@ def to_flat(obj: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- command line and files
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line and exit 2 (a UserError for `cli_main`), not usage + message."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message}; see --help")
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -211,6 +220,7 @@ def read_toml(path: str, cls: type) -> dict[str, Any]:
 
 
 __all__ = [
+    "ArgumentParser",
     "InvalidSetting",
     "add_arguments",
     "check_fields",

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -20,7 +19,7 @@ from minigpt.autograd import no_grad
 from minigpt.autograd.backend import cupy_module, normalize_device, to_device, to_numpy
 from minigpt.checkpoint import check_meta, load_checkpoint, meta_error, save_checkpoint
 from minigpt.config import InvalidSetting, check_fields, flag, flat_fields, from_flat, setting, to_flat
-from minigpt.data import BatchSampler, atomic_write, load_meta, load_tokens, prepare, resolve_corpus
+from minigpt.data import BatchSampler, load_meta, load_tokens, prepare, resolve_corpus
 from minigpt.errors import UserError
 from minigpt.gpt import GPT, GPTConfig
 from minigpt.optim import AdamW, CosineSchedule
@@ -477,22 +476,6 @@ class Checkpoints:
         self.save(self.out.last, state)
 
 
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop the records of steps after `step` (logged after the checkpoint a resumed run starts from),
-    and a last line cut short by a kill, so the resumed run's records follow on without repeats."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    with atomic_write(path) as f:
-        f.write("".join(line + "\n" for line in kept).encode("utf-8"))
-
-
 def train_lm(cfg: RunConfig, explicit: set[str] | None = None, log: Callable[[str], None] = print) -> RunSummary:
     """Train a GPT as `cfg` says, in cfg.out_dir (created and locked for the run).
 
@@ -506,7 +489,7 @@ def train_lm(cfg: RunConfig, explicit: set[str] | None = None, log: Callable[[st
         if cfg.resume:
             cfg, resumed = read_resume(cfg, explicit, out.last)
             corpus = resume_data(cfg, resumed, out.data, log)
-            trim_metrics(out.metrics, resumed.meta["step"])
+            out.trim_metrics(resumed.meta["step"])
         else:
             if "vocab_size" in explicit and cfg.tokenizer != "bpe":
                 raise UserError(

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from minigpt.data import atomic_write
 from minigpt.errors import UserError
 
 try:
@@ -85,6 +86,21 @@ class OutDir:
                         tmp.unlink()
                         removed.append(tmp)
         return removed
+
+    def trim_metrics(self, step: int) -> None:
+        """Drop the metrics records of steps after `step` (logged after the checkpoint a resumed run starts
+        from) and a last line cut short by a kill, so the resumed run's records follow on without repeats."""
+        if not self.metrics.exists():
+            return
+        kept = []
+        for line in self.metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        with atomic_write(self.metrics) as f:
+            f.write("".join(line + "\n" for line in kept).encode("utf-8"))
 
     # ------------------------------------------------------------------ the lock
 

@@ -50,14 +50,9 @@ class SampleConfig:
         config.check_fields(self)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2 (cli_main), not usage + message
-        raise UserError(f"{message}; see --help")
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = config.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_arguments(parser, SampleConfig)
     try:
         args = SampleConfig(**vars(parser.parse_args(argv)))

@@ -29,14 +29,9 @@ from minigpt.errors import Interrupted, UserError, cli_main
 from minigpt.lm import RunConfig, train_lm
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and exit 2 (cli_main), not usage + message
-        raise UserError(f"{message}; see --help")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Every RunConfig setting as a flag; help text, types and defaults come from its declaration."""
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = config.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--config", default=argparse.SUPPRESS, help="TOML file of settings (keys as the flags, with underscores)"
     )
