@@ -50,10 +50,26 @@ def records(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+_children: list[subprocess.Popen] = []
+
+
 def run_cli(script, *argv, **kwargs):
     env = {**os.environ, "MINIGPT_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "scripts" / script), *map(str, argv)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    _children.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _reap_children():
+    """A test that fails half-way must not leave its training run behind (some run for 10**6 steps)."""
+    yield
+    while _children:
+        proc = _children.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture
