@@ -16,6 +16,7 @@ from minigpt import functional as F
 from minigpt import nn
 from minigpt.autograd import Tensor, fused, parallel
 from minigpt.autograd.backend import get_array_module, is_array, to_numpy
+from minigpt.autograd.dispatch import implementation
 from minigpt.config import InvalidSetting, check_fields, setting
 
 POS_ENCODINGS = ("learned", "sinusoidal")
@@ -89,7 +90,7 @@ def attend(qkv: Any, n_head: int, cache: KVCache | None = None, layer: int = 0) 
         cache.k[layer, :, :, cache.length : end] = k
         cache.v[layer, :, :, cache.length : end] = v
         k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-    y = fused.ScaledDotProductAttention().forward(q, k, v, True, 0.0, None)  # the op's forward: no graph
+    y = _op(fused.ScaledDotProductAttention, q).forward(q, k, v, True, 0.0, None)  # the op's forward: no graph
     return y.transpose(0, 2, 1, 3).reshape(B, T, C)  # y is a (B, T, nh, hs) buffer seen as (B, nh, T, hs)
 
 
@@ -227,11 +228,12 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
         positions = t.wpe.weight if self.config.pos_encoding == "learned" else self.pos_table
         ids = get_array_module(t.wte.weight.data).asarray(ids)  # to the model's device
-        x = fused.Embedding().forward(t.wte.weight.data, ids) + positions.data[start : start + T]
+        x = _op(fused.Embedding, t.wte.weight.data).forward(t.wte.weight.data, ids) + positions.data[start : start + T]
         for layer, block in enumerate(t.h):
             qkv = _linear(block.attn.c_attn, _layer_norm(block.ln_1, x))
             x = x + _linear(block.attn.c_proj, attend(qkv, block.attn.n_head, cache, layer))
-            h = fused.Gelu().forward(_linear(block.mlp.c_fc, _layer_norm(block.ln_2, x)), block.mlp.gelu)
+            h = _linear(block.mlp.c_fc, _layer_norm(block.ln_2, x))
+            h = _op(fused.Gelu, h).forward(h, block.mlp.gelu)
             x = x + _linear(block.mlp.c_proj, h)
         if cache is not None:
             cache.length += T
@@ -304,7 +306,12 @@ def _linear(module: nn.Linear, x: Any) -> Any:
 
 def _layer_norm(module: nn.LayerNorm, x: Any) -> Any:
     bias = None if module.bias is None else module.bias.data
-    return fused.LayerNorm().forward(x, module.weight.data, bias, module.eps)
+    return _op(fused.LayerNorm, x).forward(x, module.weight.data, bias, module.eps)
+
+
+def _op(op: Any, array: Any) -> Any:
+    """The op's form for the array's device (its kernel, or the array code) as dispatch picks it for apply()."""
+    return implementation(op, array)()
 
 
 def _as_batch(idx: Any) -> np.ndarray:

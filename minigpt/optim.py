@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from minigpt.autograd import backend, kernels_cuda
-from minigpt.autograd.parallel import map_row_blocks
+from minigpt.autograd import backend
+from minigpt.autograd.dispatch import implementation
 from minigpt.autograd.tensor import Tensor
 from minigpt.nn import raise_state_problems
 
@@ -52,7 +52,7 @@ class Optimizer:
         self.param_groups: list[dict[str, Any]] = []
         self.state: dict[str, dict[str, Any]] = {}
         self._scratch: dict[tuple[str, str], Any] = {}
-        self._flat: dict[int, dict[str, Any]] = {}  # AdamW on the GPU: flat buffers per param group
+        self._flat: dict[int, dict[str, Any]] = {}  # AdamW: flat buffers per param group
         taken: set[str] = set()
         seen: set[int] = set()
         for group in groups:
@@ -239,7 +239,7 @@ class AdamW(Optimizer):
         return {"step": 0, "exp_avg": xp.zeros_like(p.data), "exp_avg_sq": xp.zeros_like(p.data)}
 
     def step(self) -> None:
-        """Update every parameter that has a gradient, in place (on the GPU: one kernel per group)."""
+        """Update every parameter that has a gradient, in place: one update over each group's flat buffers."""
         for group in self.param_groups:
             if not self._step_flat(group):
                 for name, p in zip(group["names"], group["params"]):
@@ -247,25 +247,25 @@ class AdamW(Optimizer):
                         self._update(p, p.grad, self._state_for(name, p), self._scratch_for(p), group)
 
     def _step_flat(self, group: dict[str, Any]) -> bool:
-        """On the GPU, one AdamW kernel over the whole group as one flat parameter buffer.
+        """On the GPU, one AdamW update over the whole group as one flat parameter buffer (each launch
+        costs ~10 µs there; on the CPU the update runs per parameter, in place, with no gathering).
 
-        The group's parameters and their exp_avg / exp_avg_sq become views into three flat device
-        buffers, built on first use and rebuilt whenever something replaced one of those arrays
-        (model.to(), load_state_dict()). The gradients are gathered into one flat array per step.
-        Returns False where the per-parameter path runs instead: on the CPU (where one big update
-        gains nothing: NumPy streams each array once either way), with the kernels off, with mixed
-        devices or dtypes, a missing gradient, or step counts that differ within the group.
+        The group's parameters and their exp_avg / exp_avg_sq become views into three flat buffers,
+        built on first use and rebuilt whenever something replaced one of those arrays (model.to(),
+        load_state_dict()). The gradients are gathered into one flat array per step. Returns False
+        where the per-parameter path runs instead: on the CPU, with mixed devices or dtypes, a missing
+        gradient, or step counts that differ within the group.
         """
         params = group["params"]
         first = params[0].data
-        xp = backend.get_array_module(first)
-        if xp is np or not kernels_cuda.enabled(first.dtype):
+        if isinstance(first, np.ndarray):
             return False
         if any(p.grad is None or type(p.data) is not type(first) or p.dtype != first.dtype for p in params):
             return False
         states = [self._state_for(name, p) for name, p in zip(group["names"], params)]
         if len({s["step"] for s in states}) != 1:
             return False
+        xp = backend.get_array_module(first)
         key = id(group)
         flat = self._flat.get(key)
         if flat is None or not _views_intact(flat, params, states):
@@ -275,43 +275,46 @@ class AdamW(Optimizer):
         for s in states:
             s["step"] = step
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        kernels_cuda.adamw_step(
-            flat["param"], grads, flat["exp_avg"], flat["exp_avg_sq"], lr, beta1, beta2, eps, wd, step
-        )
+        update = implementation("adamw_update", flat["param"], adamw_update)
+        update(flat["param"], grads, flat["exp_avg"], flat["exp_avg_sq"], lr, beta1, beta2, eps, wd, step)
         return True
 
     def _update(self, p: Tensor, grad: Any, state: dict[str, Any], scratch: Any, group: dict[str, Any]) -> None:
-        xp = backend.get_array_module(p.data)
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         state["step"] += 1
-        t = state["step"]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        if xp is not np and kernels_cuda.enabled(p.dtype):  # CUDA kernel; array twin below
-            return kernels_cuda.adamw_step(p.data, grad, m, v, lr, beta1, beta2, eps, wd, t)
-        # p -= lr/(1-β1^t) * m / (sqrt(v)/sqrt(1-β2^t) + eps), in cache-sized row blocks over the threads
-        v_scale, step_size = 1.0 / math.sqrt(1.0 - beta2**t), lr / (1.0 - beta1**t)
-        coefficients = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, wd=wd, v_scale=v_scale, step_size=step_size)
-        map_row_blocks(_adamw_rows, p.data, grad, m, v, scratch, **coefficients)
+        update = implementation("adamw_update", p.data, adamw_update)
+        update(
+            p.data,
+            grad.astype(p.dtype, copy=False),
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            lr,
+            beta1,
+            beta2,
+            eps,
+            wd,
+            state["step"],
+        )
 
 
-def _adamw_rows(p, grad, m, v, scratch, lr, beta1, beta2, eps, wd, v_scale, step_size):
-    """One block of AdamW: decoupled weight decay, both moments, then the bias-corrected step."""
+def adamw_update(p: Any, grad: Any, m: Any, v: Any, lr: float, beta1: float, beta2: float, eps: float,
+                 weight_decay: float, step: int) -> None:  # fmt: skip
+    """One AdamW update of p, m (exp_avg) and v (exp_avg_sq) in place; `step` counts from 1.
+
+    The array code, and the reference of the compiled twins (kernels_cpu, kernels_cuda):
+    p -= lr/(1-β1^t) * m / (sqrt(v)/sqrt(1-β2^t) + eps), after the decoupled weight decay.
+    """
     xp = backend.get_array_module(p)
-    if wd:
-        p *= 1.0 - lr * wd  # decoupled: shrink the weight, not the gradient
+    if weight_decay:
+        p *= 1.0 - lr * weight_decay  # decoupled: shrink the weight, not the gradient
     m *= beta1  # m = β1 m + (1-β1) g
-    xp.multiply(grad, 1.0 - beta1, out=scratch)
-    m += scratch
+    m += (1.0 - beta1) * grad
     v *= beta2  # v = β2 v + (1-β2) g²
-    xp.multiply(grad, grad, out=scratch)
-    scratch *= 1.0 - beta2
-    v += scratch
-    xp.sqrt(v, out=scratch)
-    scratch *= v_scale
-    scratch += eps
-    xp.divide(m, scratch, out=scratch)
-    scratch *= step_size
-    p -= scratch
+    v += (1.0 - beta2) * grad * grad
+    denom = xp.sqrt(v)
+    denom *= 1.0 / math.sqrt(1.0 - beta2**step)
+    denom += eps
+    p -= (lr / (1.0 - beta1**step)) * m / denom
 
 
 _FLAT_KINDS = ("param", "exp_avg", "exp_avg_sq")
@@ -355,8 +358,7 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Any:
         return np.zeros((), dtype=np.float64)
     xp = backend.get_array_module(grads[0])
     if xp is np:
-        # dot of the flat gradient with itself: a sum of squares without a squared temporary
-        total = math.sqrt(sum(float(np.vdot(g.ravel(), g.ravel())) for g in grads))
+        total = math.sqrt(sum(implementation("squared_norm", g, squared_norm)(g) for g in grads))
         if math.isfinite(total) and total > max_norm:
             scale = max_norm / (total + 1e-6)
             for g in grads:
@@ -369,6 +371,11 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Any:
     for g in grads:
         g *= scales[g.dtype]
     return norm
+
+
+def squared_norm(g: np.ndarray) -> float:
+    """Σ g² of a NumPy array (a dot with itself: no squared temporary); kernels_cpu has the compiled twin."""
+    return float(np.vdot(g.ravel(), g.ravel()))
 
 
 # ----------------------------------------------------------------------------- LR schedules

@@ -6,6 +6,7 @@ engine's caching allocator holds at its peak (CuPy's pool, PyTorch's max_memory_
 
     python scripts/bench_train.py --config S                 # nanoGPT's CPU Shakespeare model
     python scripts/bench_train.py --config M --vs-torch      # side by side with PyTorch eager
+    python scripts/bench_train.py --config V --vs-torch      # GPT-2's 50,304-token vocabulary, 8 x 512 wide
     python scripts/bench_train.py --config S --sample        # generation: KV cache vs none
     python scripts/bench_train.py --n-layer 2 --n-embd 64 --block-size 32 --batch-size 4 --vocab-size 100
     python scripts/bench_train.py --config M --device cuda --vs-torch [--tf32]   # GPU (CuPy vs PyTorch)
@@ -55,6 +56,7 @@ CONFIGS = {
     "S": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65),
     "M": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, vocab_size=65),
     "GPT2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=8, vocab_size=50304),
+    "V": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, batch_size=4, vocab_size=50304),  # GPT-2's vocabulary
 }
 
 

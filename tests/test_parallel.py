@@ -2,6 +2,7 @@
 
 import os
 import resource
+import subprocess
 import sys
 import threading
 import time
@@ -16,7 +17,7 @@ from minigpt.autograd import gradcheck, parallel
 rng = np.random.default_rng(5)
 
 needs_threads = pytest.mark.skipif(
-    parallel._set_blas_threads is None, reason="NumPy's BLAS is not OpenBLAS: minigpt stays single-threaded"
+    not parallel._blas_libraries(), reason="NumPy's BLAS cannot be set to one thread: minigpt stays single-threaded"
 )
 
 
@@ -206,3 +207,23 @@ def test_adamw_updates_a_scalar_parameter():
     p.grad = np.array(2.0, dtype=np.float32)
     opt.step()
     np.testing.assert_allclose(p.data, 0.9, rtol=1e-6)  # Adam's first step moves by lr against the gradient's sign
+
+
+def test_import_changes_no_process_wide_setting_and_work_restores_the_blas_threads():
+    code = (
+        "import numpy as np\n"
+        "from threadpoolctl import threadpool_info\n"
+        "blas = lambda: [i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas']\n"
+        "before = blas()\n"
+        "import minigpt\n"
+        "from minigpt.autograd import parallel\n"
+        "after_import = blas()\n"
+        "a = np.ones((512, 512), np.float32)\n"
+        "x = minigpt.tensor(a, requires_grad=True)\n"
+        "(x @ x).sum().backward(); parallel.matmul(a, a)\n"
+        "print(before, after_import, blas(), parallel._blas_holders)\n"
+    )
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    before = out.split("]")[0] + "]"
+    assert before == "[2]" and out.strip() == f"{before} {before} {before} 0"  # after import, after work

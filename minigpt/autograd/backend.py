@@ -157,7 +157,8 @@ def keep_freed_memory() -> bool:
     glibc unmaps big blocks on free, so each step page-faults all its activations in again (a
     quarter of a GPT step's non-GEMM time here). Like PyTorch's caching allocator, we keep them:
     blocks up to 32 MB come from the heap, and the heap is not trimmed. Returns whether it applied
-    (glibc only; MINIGPT_KEEP_MEMORY=0 opts out).
+    (glibc only; MINIGPT_KEEP_MEMORY=0 opts out). Not applied on import: the first backward pass
+    applies it (Tensor.backward), as it is training that reuses the buffers.
     """
     import ctypes
     import os
@@ -175,6 +176,3 @@ def keep_freed_memory() -> bool:
         and libc.mallopt(m_trim_threshold, 2**31 - 1)  # mallopt takes a C int: 1 << 62 would wrap to 0
         and libc.mallopt(m_top_pad, 64 << 20)
     )
-
-
-keep_freed_memory()

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from minigpt.autograd.dispatch import implementation
+
 if TYPE_CHECKING:
     from minigpt.autograd.tensor import Tensor
 else:
@@ -84,7 +86,7 @@ class Function:
                         f"{cls.__name__.lower()}: tensors are on different devices ({devices}); "
                         "move them with .to(device) first"
                     )
-        fn = cls()
+        fn = implementation(cls, datas[0])()  # a device kernel of the op where one serves, else the op
         requires_grad = _grad_enabled and True in needs
         if requires_grad:
             fn.needs_input_grad = needs

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from minigpt.autograd import kernels_cuda
 from minigpt.autograd.backend import get_array_module, index_add_rows, random_uniform
 from minigpt.autograd.function import Function
 from minigpt.autograd.parallel import map_row_blocks, matmul
@@ -85,21 +84,10 @@ class CrossEntropy(Function):
 
     def forward(self, logits, targets, ignore_index):
         xp = get_array_module(logits)
-        vocab = logits.shape[-1]
-        x = logits.reshape(-1, vocab)
-        t = targets.reshape(-1)
-        if t.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"cross_entropy: {x.shape[0]} rows of logits {tuple(logits.shape)} but {t.shape[0]} "
-                f"targets {tuple(targets.shape)}"
-            )
-        if xp is not np and kernels_cuda.enabled(x.dtype):  # CUDA kernel; array twin below
-            loss, self.lse, self.kernel_t, self.count = kernels_cuda.cross_entropy_forward(x, t, ignore_index)
-            self.x, self.shape, self.ignore_index = x, logits.shape, ignore_index
-            return loss
+        x, t = logit_rows(logits, targets)
         valid = t != ignore_index
-        if xp is np and t.size and ((t[valid] < 0).any() or (t[valid] >= vocab).any()):
-            raise IndexError(f"cross_entropy: a target id is outside [0, {vocab}) and is not ignore_index")
+        if xp is np:
+            check_targets(t[valid], x.shape[1])
         safe_t = xp.where(valid, t, 0)
         lse = xp.empty(x.shape[0], dtype=x.dtype)
         map_row_blocks(_logsumexp_rows, x, lse)
@@ -115,9 +103,6 @@ class CrossEntropy(Function):
         return (losses.sum() / count).astype(x.dtype)
 
     def backward(self, g):
-        if getattr(self, "kernel_t", None) is not None:  # the forward ran the CUDA kernel
-            args = (self.x, self.lse, self.kernel_t, self.ignore_index, self.count)
-            return kernels_cuda.cross_entropy_backward(g, *args).reshape(self.shape)
         xp = get_array_module(g)
         grad = xp.empty_like(self.x)
         scale = (g / self.count).astype(grad.dtype)
@@ -126,6 +111,23 @@ class CrossEntropy(Function):
         map_row_blocks(_scaled_softmax_rows, self.x, self.lse[:, None], row_scale[:, None], grad)
         grad[self.rows, self.safe_t] -= row_scale
         return grad.reshape(self.shape)
+
+
+def logit_rows(logits, targets):
+    """Logits as (N, V) rows and targets as (N,), or a clear error when their counts differ."""
+    x, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if t.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"cross_entropy: {x.shape[0]} rows of logits {tuple(logits.shape)} but {t.shape[0]} "
+            f"targets {tuple(targets.shape)}"
+        )
+    return x, t
+
+
+def check_targets(t, vocab):
+    """Raise for target ids (already without ignore_index) outside [0, vocab)."""
+    if t.size and (t.min() < 0 or t.max() >= vocab):
+        raise IndexError(f"cross_entropy: a target id is outside [0, {vocab}) and is not ignore_index")
 
 
 def _logsumexp_rows(x, lse):
@@ -151,10 +153,6 @@ class LayerNorm(Function):
 
     def forward(self, x, w, b=None, eps=1e-5):
         xp = get_array_module(x)
-        if xp is not np and kernels_cuda.enabled(x.dtype):  # CUDA kernel; array twin below
-            out, self.xhat, self.rstd = kernels_cuda.layer_norm_forward(x, w, b, eps)
-            self.w = w
-            return out
         x2 = x.reshape(-1, x.shape[-1])
         out, xhat = xp.empty_like(x2), xp.empty_like(x2)
         rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)
@@ -165,8 +163,6 @@ class LayerNorm(Function):
     def backward(self, g):
         xhat, rstd, w = self.xhat, self.rstd, self.w
         need = self.needs_input_grad
-        if get_array_module(g) is not np and kernels_cuda.enabled(g.dtype):  # CUDA kernel; array twin below
-            return kernels_cuda.layer_norm_backward(g, xhat, rstd, w, need)
         g2 = g.reshape(-1, g.shape[-1])
         gx = get_array_module(g).empty_like(g2)
         partials = map_row_blocks(_layer_norm_backward_rows, g2, xhat, rstd, gx, w=w, need=need)
@@ -241,10 +237,6 @@ class Gelu(Function):
         if approximate == "none":
             self.x, self.t = x, normal_cdf(x)
             return x * self.t
-        if xp is not np and kernels_cuda.enabled(x.dtype):  # CUDA kernel; array twin below
-            out, self.t = kernels_cuda.gelu_forward(x)
-            self.x = x
-            return out
         x2 = x.reshape(-1, x.shape[-1])
         out, t = xp.empty_like(x2), xp.empty_like(x2)
         map_row_blocks(_gelu_rows, x2, out, t)
@@ -261,8 +253,6 @@ class Gelu(Function):
             gx += t
             gx *= g
             return gx
-        if xp is not np and kernels_cuda.enabled(g.dtype):  # CUDA kernel; array twin below
-            return kernels_cuda.gelu_backward(g, x, t)
         gx = xp.empty_like(g)
         map_row_blocks(_gelu_backward_rows, *(a.reshape(-1, a.shape[-1]) for a in (x, t, g, gx)))
         return gx
@@ -348,17 +338,21 @@ class Embedding(Function):
 
     def forward(self, weight, ids):
         xp = get_array_module(weight)
-        if xp is np and ids.size and (ids.min() < 0 or ids.max() >= weight.shape[0]):
-            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
-            raise IndexError(f"embedding: id {bad} is out of range for {weight.shape[0]} rows")
+        if xp is np:
+            check_ids(ids, weight.shape[0])
         self.ids, self.n_rows = ids, weight.shape[0]
         return weight[ids]
 
     def backward(self, g):
-        if get_array_module(g) is not np and kernels_cuda.enabled(g.dtype):  # CUDA kernel; array twin below
-            return kernels_cuda.embedding_backward(g, self.ids, self.n_rows)
         grad = index_add_rows(self.n_rows, self.ids, g)
         return grad.reshape(self.n_rows, *g.shape[self.ids.ndim :])
+
+
+def check_ids(ids, n_rows):
+    """Raise for embedding ids outside [0, n_rows)."""
+    if ids.size and (ids.min() < 0 or ids.max() >= n_rows):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise IndexError(f"embedding: id {bad} is out of range for {n_rows} rows")
 
 
 class Dropout(Function):
@@ -390,9 +384,6 @@ def causal_bias(xp: Any, tq: int, tk: int, dtype: Any) -> Any:
 
 
 CAUSAL_CHUNK = 128  # query rows per chunk of causal attention (measured: 2 chunks at T=256 beat 4)
-# On the GPU each chunk costs launches that small sizes feel: measured on an H100, chunking made
-# attention at T=256 slower (0.6 -> 1.6 ms per layer) and at T=1024 faster (6.0 -> 4.5 ms).
-GPU_CAUSAL_CHUNK = 256
 
 
 class ScaledDotProductAttention(Function):
@@ -400,11 +391,13 @@ class ScaledDotProductAttention(Function):
 
     Causal attention runs over chunks of queries, each against only the keys it can see, so the
     masked upper triangle is (mostly) never computed: n chunks do (n + 1) / 2n of the full work.
+    Device kernels override the two softmax steps (and the chunk size) only.
     """
+
+    chunk_rows = CAUSAL_CHUNK
 
     def forward(self, q, k, v, is_causal, dropout_p, rng):
         xp = get_array_module(q)
-        on_gpu = xp is not np and kernels_cuda.enabled(q.dtype)  # softmaxes as CUDA kernels; array twins below
         self.k, self.v = k, v
         tq, tk = q.shape[-2], k.shape[-2]
         self.scale = scale = 1.0 / math.sqrt(q.shape[-1])
@@ -416,15 +409,9 @@ class ScaledDotProductAttention(Function):
         else:
             out = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
         self.chunks = []
-        for start, end, keys in _query_chunks(tq, tk, is_causal, GPU_CAUSAL_CHUNK if on_gpu else CAUSAL_CHUNK):
+        for start, end, keys in _query_chunks(tq, tk, is_causal, self.chunk_rows):
             att = matmul(q[..., start:end, :], k[..., :keys, :].swapaxes(-1, -2))  # (B, nh, rows, keys)
-            if on_gpu:  # the chunk's queries are the last rows of its keys: the kernel's alignment
-                att = kernels_cuda.masked_softmax_(xp.ascontiguousarray(att), is_causal)
-            else:  # only the last min(rows, keys) columns hold masked entries: add the mask there alone
-                # (a single query row sees every key it is given: nothing to mask)
-                masked = is_causal and end - start > 1
-                bias = causal_bias(xp, end - start, min(end - start, keys), att.dtype) if masked else None
-                map_row_blocks(_softmax_in_place, att.reshape(-1, *att.shape[-2:]), bias=bias)
+            att = self.causal_softmax_(att, is_causal)  # the chunk's queries are the last rows of its keys
             mask = None
             if dropout_p > 0:
                 mask = (random_uniform(rng, att.shape, att) >= dropout_p).astype(att.dtype)
@@ -435,7 +422,6 @@ class ScaledDotProductAttention(Function):
 
     def backward(self, g):
         xp = get_array_module(g)
-        on_gpu = xp is not np and kernels_cuda.enabled(g.dtype)
         q, k, v, scale = self.q, self.k, self.v, self.scale
         need = self.needs_input_grad
         gq = xp.empty_like(q) if need[0] else None
@@ -453,12 +439,7 @@ class ScaledDotProductAttention(Function):
             gatt = matmul(g_rows, v[..., :keys, :].swapaxes(-1, -2))  # (B, nh, rows, keys)
             if mask is not None:
                 gatt *= mask
-            if on_gpu:
-                kernels_cuda.softmax_backward_(gatt, att)
-            else:
-                map_row_blocks(
-                    _softmax_backward_in_place, gatt.reshape(-1, *att.shape[-2:]), att.reshape(-1, *att.shape[-2:])
-                )
+            gatt = self.softmax_backward_(gatt, att)
             if gq is not None:
                 matmul(gatt, k[..., :keys, :], out=gq[..., start:end, :])
             if gk is not None and i == 0:
@@ -468,6 +449,21 @@ class ScaledDotProductAttention(Function):
         if gq is not None:
             gq *= scale
         return gq, gk, gv
+
+    def causal_softmax_(self, att, is_causal):
+        """Softmax over the last dim of (..., rows, keys) scores in place, the rows being the last of the
+        keys' positions; returns the scores. Only the last min(rows, keys) columns hold masked entries,
+        so the mask is added there alone (a single query row sees every key: nothing to mask)."""
+        rows, keys = att.shape[-2:]
+        masked = is_causal and rows > 1
+        bias = causal_bias(get_array_module(att), rows, min(rows, keys), att.dtype) if masked else None
+        map_row_blocks(_softmax_in_place, att.reshape(-1, rows, keys), bias=bias)
+        return att
+
+    def softmax_backward_(self, g, out):
+        """g := out * (g - Σ g·out) over the last dim, in g's buffer (softmax's backward); returns g."""
+        map_row_blocks(_softmax_backward_in_place, g.reshape(-1, *g.shape[-2:]), out.reshape(-1, *out.shape[-2:]))
+        return g
 
 
 def _query_chunks(tq: int, tk: int, is_causal: bool, min_rows: int | None = None) -> list[tuple[int, int, int]]:

@@ -1,22 +1,23 @@
-"""CPU parallelism: minigpt's own threads run GEMMs and row-block kernels; BLAS runs single-threaded.
+"""CPU parallelism: minigpt's own threads run GEMM slices and kernels' row blocks side by side.
 
-NumPy's ufuncs use one core, and OpenBLAS's threads spin for ~0.1 s after each GEMM, so a GELU or
-a layer norm between two GEMMs could neither use the other cores nor share them. Instead minigpt
-sets OpenBLAS to one thread and splits the work itself: a GEMM into row (or batch) slices, a
-row-block kernel into its cache-sized blocks, which the threads (the caller's among them) take as
-they come free. Idle workers sleep on a lock, so nothing spins. Measured on 2 cores: split GEMMs
-run as fast as OpenBLAS's own two threads, and GELU, layer norm and softmax run ~1.7x faster. A
-hand-off costs ~50 µs here, so small work stays on the caller's thread.
+NumPy's ufuncs and minigpt's Numba kernels (which release the GIL) run on the calling thread, and
+OpenBLAS's threads spin for ~0.1 s after each GEMM, so a kernel between two GEMMs could neither use
+the other cores nor share them. Instead minigpt splits the work itself: a GEMM into row (or batch)
+slices, run with BLAS at one thread, and a kernel into row blocks, which the threads (the caller's
+among them) take as they come free. Idle workers sleep on a lock, so nothing spins while another
+pool works. Measured on 2 cores: split GEMMs run as fast as OpenBLAS's own two threads. A hand-off
+costs ~50 µs here, so small work stays on the caller's thread.
 
-Where NumPy's BLAS cannot be told to use one thread (not OpenBLAS), minigpt keeps one thread and
-leaves BLAS threading as it is. `set_num_threads` / MINIGPT_NUM_THREADS choose the count.
+Importing minigpt changes nothing process-wide. BLAS is held at one thread only while minigpt
+multiplies (threadpoolctl finds the library: OpenBLAS, MKL, BLIS...), and set back right after, so
+a user's own NumPy code keeps its threads; generation lends minigpt's threads to BLAS instead
+(`blas_threads`). Workers start on first use. Where the BLAS cannot be controlled, minigpt keeps
+one thread and BLAS threads as it likes. `set_num_threads` / MINIGPT_NUM_THREADS choose the count.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import glob
 import itertools
 import os
 import threading
@@ -29,25 +30,50 @@ from minigpt.autograd.backend import get_array_module
 
 # ----------------------------------------------------------------------------- BLAS threads
 
-_BLAS_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads")
+_blas: list[Any] | None = None  # threadpoolctl's controllers of the BLAS libraries NumPy loaded
 
 
-def _openblas_setter() -> Any:
-    """openblas_set_num_threads of the OpenBLAS NumPy loaded (wheel or system), or None."""
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*"))
-    libs += glob.glob(os.path.join(os.path.dirname(np.__file__), ".libs", "*openblas*"))
-    for path in [*libs, "libopenblas.so.0"]:
+def _blas_libraries() -> list[Any]:
+    """The loaded BLAS libraries whose thread count can be set (found once, on first use)."""
+    global _blas
+    if _blas is None:
         try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in _BLAS_SETTERS:
-            if hasattr(lib, name):
-                return getattr(lib, name)
-    return None
+            from threadpoolctl import ThreadpoolController
+
+            _blas = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+        except Exception:  # threadpoolctl missing or unable to inspect this process: leave BLAS alone
+            _blas = []
+    return _blas
 
 
-_set_blas_threads = _openblas_setter()
+_blas_lock = threading.Lock()
+_blas_holders = 0  # threads inside minigpt's GEMMs: the first sets BLAS to one thread, the last restores it
+_blas_saved: list[int] = []
+
+
+def _hold_blas_at_one() -> None:
+    global _blas_holders, _blas_saved
+    with _blas_lock:
+        if _blas_holders == 0:
+            _blas_saved = [lib.num_threads for lib in _blas]
+            for lib in _blas:
+                lib.set_num_threads(1)
+        _blas_holders += 1
+
+
+def _release_blas() -> None:
+    global _blas_holders
+    with _blas_lock:
+        _blas_holders -= 1
+        if _blas_holders == 0:
+            for lib, n in zip(_blas, _blas_saved):
+                lib.set_num_threads(n)
+
+
+def blas_num_threads() -> int | None:
+    """The thread count of NumPy's BLAS now (None where it cannot be read)."""
+    libs = _blas_libraries()
+    return libs[0].num_threads if libs else None
 
 
 # ----------------------------------------------------------------------------- the thread pool
@@ -103,38 +129,29 @@ _dispatch = threading.Lock()  # one dispatcher at a time: a second (another user
 
 
 def _after_fork_in_child() -> None:
-    """A forked child has only the forking thread: start its own workers (and a free dispatch lock)."""
+    """A forked child has only the forking thread: it starts workers of its own (and has a free dispatch lock)."""
     global _dispatch
     _dispatch = threading.Lock()
     _workers.clear()
-    if _num_threads > 1:
-        set_num_threads(_num_threads)
 
 
 _workers: list[_Worker] = []
-_num_threads = 1
 
 
 def set_num_threads(n: int) -> None:
-    """Use n CPU threads for GEMMs and row-block kernels (like torch.set_num_threads).
-
-    NumPy's OpenBLAS is kept at one thread, for minigpt splits the work itself. Where BLAS cannot
-    be set (not OpenBLAS), minigpt stays at one thread and BLAS threads as it likes.
-    """
+    """Use n CPU threads for GEMMs and kernels (like torch.set_num_threads); workers start on first use."""
     global _num_threads
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"set_num_threads: n must be a positive integer, got {n!r}")
-    if _set_blas_threads is None:
-        _num_threads = 1
-        return
-    _set_blas_threads(1)
-    while len(_workers) < n - 1:
-        _workers.append(_Worker())
     _num_threads = n
 
 
 def get_num_threads() -> int:
-    return _num_threads
+    """minigpt's CPU threads now: 1 where BLAS cannot be held at one thread, or while lent to BLAS."""
+    return 1 if _lent_to_blas or not _blas_libraries() else _num_threads
+
+
+_lent_to_blas = False
 
 
 @contextlib.contextmanager
@@ -145,18 +162,12 @@ def blas_threads() -> Iterator[None]:
     for a hand-off to our threads, but OpenBLAS's spinning threads split it at once (at config M
     a decode step goes from 4.2 to 3.5 ms).
     """
-    global _num_threads
-    threads = _num_threads
-    if _set_blas_threads is None or threads == 1:
-        yield
-        return
-    _set_blas_threads(threads)
-    _num_threads = 1
+    global _lent_to_blas
+    lent, _lent_to_blas = _lent_to_blas, True
     try:
         yield
     finally:
-        _set_blas_threads(1)
-        _num_threads = threads
+        _lent_to_blas = lent
 
 
 def _default_threads() -> int:
@@ -182,10 +193,12 @@ def run_parallel(tasks: list[Any]) -> list[Any]:
                 return
             results[i] = tasks[i]()
 
-    helpers = min(_num_threads, len(tasks)) - 1
+    helpers = min(get_num_threads(), len(tasks)) - 1
     if helpers <= 0 or getattr(_local, "in_worker", False) or not _dispatch.acquire(blocking=False):
         drain()
         return results
+    while len(_workers) < helpers:
+        _workers.append(_Worker())
     try:
         for worker in _workers[:helpers]:
             worker.start(drain)
@@ -217,9 +230,19 @@ def matmul(a: Any, b: Any, out: Any = None) -> Any:
     A 2-D product splits a's rows; a batched one splits the leading batch dim when both operands
     have it, else a's rows. Each slice writes its part of `out` in place.
     """
-    parts = _num_threads
-    if parts == 1 or not isinstance(a, np.ndarray) or a.ndim < 2 or b.ndim < 2:
+    if not isinstance(a, np.ndarray) or _lent_to_blas or not _blas_libraries():
         return get_array_module(a).matmul(a, b, out=out)
+    _hold_blas_at_one()
+    try:
+        return _split_matmul(a, b, out)
+    finally:
+        _release_blas()
+
+
+def _split_matmul(a: Any, b: Any, out: Any) -> Any:
+    parts = _num_threads
+    if parts == 1 or a.ndim < 2 or b.ndim < 2:
+        return np.matmul(a, b, out=out)
     rows, cols = a.shape[-2], b.shape[-1]
     if 2.0 * max(a.size * cols, b.size * rows) < MIN_SPLIT_FLOPS:  # the FLOPs, batch dims broadcast
         return np.matmul(a, b, out=out)
@@ -261,13 +284,14 @@ def map_row_blocks(kernel: Any, *arrays: Any, **constants: Any) -> list[Any]:
     if not isinstance(first, np.ndarray) or rows < 2 or first.size <= MIN_SPLIT_ELEMENTS:
         return [kernel(*arrays, **constants)]
     step = max(1, BLOCK_ELEMENTS * rows // first.size)
-    if _num_threads == 1:
+    threads = get_num_threads()
+    if threads == 1:
         return [kernel(*(a[i : i + step] for a in arrays), **constants) for i in range(0, rows, step)]
-    step = min(step, -(-rows // _num_threads))  # at least one block per thread
+    step = min(step, -(-rows // threads))  # at least one block per thread
     blocks = range(0, rows, step)
     return run_parallel([lambda i=i: kernel(*(a[i : i + step] for a in arrays), **constants) for i in blocks])
 
 
-set_num_threads(_default_threads())
+_num_threads = _default_threads()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)

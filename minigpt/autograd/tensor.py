@@ -11,6 +11,8 @@ import numpy as np
 from minigpt.autograd import backend, function
 from minigpt.autograd.function import Function, unbroadcast
 
+_memory_kept = False  # backend.keep_freed_memory() applied (on the first backward pass, not on import)
+
 
 def _default_dtype(data: Any, dtype: Any) -> Any:
     if dtype is not None:
@@ -136,6 +138,10 @@ class Tensor:
         """
         if not self.requires_grad:
             raise RuntimeError("backward: this tensor does not require grad (no input had requires_grad=True)")
+        global _memory_kept
+        if not _memory_kept:  # training: keep freed activation buffers for the next step (see backend)
+            _memory_kept = True
+            backend.keep_freed_memory()
         xp = backend.get_array_module(self.data)
         if grad is None:
             if self.data.size != 1:
