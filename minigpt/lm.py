@@ -436,7 +436,8 @@ class Checkpoints:
 
     def save(self, path: Path, state: TrainState) -> None:
         run = self.run
-        bad = [name for name, p in run.model.named_parameters() if not bool(np.all(np.isfinite(to_numpy(p.data))))]
+        weights = {name: to_numpy(p.data) for name, p in run.model.named_parameters()}
+        bad = [name for name, w in weights.items() if not np.isfinite(w).all()]
         if bad:
             raise NotSaved(
                 f"not saving {path} at step {state.step}: the weights hold NaN or inf ({', '.join(bad[:3])}). "
@@ -444,7 +445,7 @@ class Checkpoints:
             )
         save_checkpoint(
             path,
-            model={name: to_numpy(p.data) for name, p in run.model.named_parameters()},
+            model=weights,
             optimizer=run.optimizer.state_dict(),
             meta={
                 "model_config": run.model.config.to_dict(),
