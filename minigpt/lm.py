@@ -188,7 +188,7 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, d
     if str(path).endswith(".pt"):
         model, tokenizer_dict, meta = nanogpt.read_nanogpt(path)
         meta = {**meta, "tokenizer": tokenizer_dict}
-    elif str(path).endswith(".npz") or Path(path).is_file():
+    elif str(path).endswith(".npz") or (Path(path).is_file() and not str(path).endswith(".safetensors")):
         state, _, meta = load_checkpoint(path)
         config, tokenizer = read_model_meta(path, meta)
         model = GPT(config)
