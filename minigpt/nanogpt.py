@@ -161,24 +161,30 @@ def nanogpt_to_minigpt(ckpt: str | Path, out: str | Path, meta_pkl: str | Path |
 
 def minigpt_to_nanogpt(checkpoint: str | Path, out_dir: str | Path) -> list[Path]:
     """Write nanoGPT's ckpt.pt (and meta.pkl for a character vocabulary) from a minigpt checkpoint."""
-    state, _, meta = load_checkpoint(checkpoint)
+    state, optim, meta = load_checkpoint(checkpoint)
     try:
         model = GPT(GPTConfig(**meta["model_config"]))
         tokenizer = dict(meta["tokenizer"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{checkpoint}: not a minigpt GPT checkpoint ({e})") from None
     model.load_state_dict(state)
-    return write_nanogpt(model, tokenizer, out_dir, meta, where=str(checkpoint))
+    return write_nanogpt(model, tokenizer, out_dir, meta, optimizer=optim, where=str(checkpoint))
 
 
 def write_nanogpt(
-    model: GPT, tokenizer: dict[str, Any], out_dir: str | Path, meta: dict[str, Any] | None = None, where: str = "model"
+    model: GPT,
+    tokenizer: dict[str, Any],
+    out_dir: str | Path,
+    meta: dict[str, Any] | None = None,
+    optimizer: dict[str, np.ndarray] | None = None,
+    where: str = "model",
 ) -> list[Path]:
     """nanoGPT's ckpt.pt (+ meta.pkl for characters) of a model; meta gives step, best_val_loss, run_config.
 
     nanoGPT's model knows learned positions and exact GELU: a sinusoidal model exports its table as
-    wpe (exact); a tanh-GELU model is refused, since nanoGPT would compute a different function. No
-    optimizer state is written: nanoGPT samples and fine-tunes it, but cannot --resume it.
+    wpe (exact); a tanh-GELU model is refused, since nanoGPT would compute a different function.
+    With minigpt's AdamW state (`optimizer`), ckpt.pt carries it in torch's AdamW layout, so nanoGPT
+    can `init_from='resume'`; without it, nanoGPT can sample and fine-tune the weights only.
     """
     torch = _torch()
     config, meta = model.config, meta or {}
@@ -191,9 +197,11 @@ def write_nanogpt(
         tokenizer.get("kind") == "tiktoken" and tokenizer.get("name") != "gpt2"
     ):
         raise UserError(f"{where}: nanoGPT knows character vocabularies (meta.pkl) and GPT-2's only")
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in model.state_dict().items()}
-    if config.pos_encoding != "learned":
-        tensors["transformer.wpe.weight"] = torch.from_numpy(sinusoidal_table(config.block_size, config.n_embd))
+    tensors = {}
+    for name, array in model.state_dict().items():  # nanoGPT's parameter order: wte, wpe, h.0 ...
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
+        if name == "transformer.wte.weight" and config.pos_encoding != "learned":
+            tensors["transformer.wpe.weight"] = torch.from_numpy(sinusoidal_table(config.block_size, config.n_embd))
     tensors["lm_head.weight"] = tensors["transformer.wte.weight"]  # one storage, as nanoGPT's tied state
     best = meta.get("best_val_loss")
     run = meta.get("run_config") or {}
@@ -206,6 +214,8 @@ def write_nanogpt(
         "best_val_loss": math.inf if best is None else float(best),
         "config": {k: v for k, v in run.items() if _is_plain(v)},
     }
+    if optimizer:
+        checkpoint_pt["optimizer"] = _torch_adamw_state(torch, tensors, optimizer, run)
     try:
         with atomic_write(out_dir / "ckpt.pt") as f:
             torch.save(checkpoint_pt, f)
@@ -222,3 +232,27 @@ def write_nanogpt(
     except OSError as e:
         raise UserError(f"cannot write {out_dir}: {e.strerror or e}") from None
     return written
+
+
+def _torch_adamw_state(
+    torch: Any, tensors: dict[str, Any], optim: dict[str, np.ndarray], run: dict[str, Any]
+) -> dict[str, Any]:
+    """torch's AdamW state_dict as nanoGPT's configure_optimizers groups it (matrices decay, vectors
+    do not, each in parameter order), filled with minigpt's moments and step counts."""
+    names = [n for n in tensors if n != "lm_head.weight"]  # nanoGPT's named_parameters(): tied once
+    params = {n: torch.zeros_like(tensors[n]) for n in names}
+    decay = [params[n] for n in names if tensors[n].dim() >= 2]
+    no_decay = [params[n] for n in names if tensors[n].dim() < 2]
+    adamw = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": run.get("weight_decay", 0.1)}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=run.get("learning_rate", 1e-3),
+        betas=(run.get("beta1", 0.9), run.get("beta2", 0.99)),
+    )
+    for n in names:
+        if f"exp_avg/{n}" in optim:  # (a sinusoidal model's wpe has none: it starts fresh)
+            adamw.state[params[n]] = {
+                "step": torch.tensor(float(optim[f"step/{n}"])),
+                "exp_avg": torch.from_numpy(np.array(optim[f"exp_avg/{n}"], dtype=np.float32)),
+                "exp_avg_sq": torch.from_numpy(np.array(optim[f"exp_avg_sq/{n}"], dtype=np.float32)),
+            }
+    return adamw.state_dict()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from minigpt.errors import UserError
@@ -217,3 +218,36 @@ def test_bad_nanogpt_inputs_are_one_line_errors(tmp_path):
     for args, message in cases:
         r = run_convert(*args, cwd=tmp_path)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+
+
+def test_a_minigpt_run_exports_to_nanogpt_with_its_adamw_state(tmp_path):
+    from minigpt import GPTConfig
+    from minigpt.checkpoint import load_checkpoint
+    from minigpt.lm import RunConfig, train_lm
+
+    (tmp_path / "input.txt").write_text("".join(f"{i}: To be, or not to be.\n" for i in range(300)))
+    cfg = RunConfig(
+        data=str(tmp_path / "input.txt"), out_dir=str(tmp_path / "out"), max_iters=4, eval_interval=4, eval_iters=1,
+        batch_size=4, quiet=True, sample_tokens=0, model=GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16,
+        gelu="none", bias=True, pos_encoding="sinusoidal"),
+    )  # fmt: skip
+    train_lm(cfg, log=lambda s: None)
+    r = run_convert("out/last.npz", "nano", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(tmp_path / "nano" / "ckpt.pt", weights_only=True)
+    _, optim, _ = load_checkpoint(tmp_path / "out" / "last.npz")
+    # nanoGPT's init_from='resume': strict weights, then configure_optimizers' two groups and their state.
+    model = NanoGPT(ckpt["model_args"])
+    model.load_state_dict(ckpt["model"])
+    params = dict(model.named_parameters())
+    groups = [{"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+    adamw = torch.optim.AdamW(groups, lr=1e-3)
+    adamw.load_state_dict(ckpt["optimizer"])
+    for name in ("transformer.wte.weight", "transformer.h.0.attn.c_proj.bias"):
+        state = adamw.state[params[name]]
+        assert state["step"].item() == 4
+        np.testing.assert_array_equal(state["exp_avg"].numpy(), optim[f"exp_avg/{name}"])
+    assert params["transformer.wpe.weight"] not in adamw.state  # the fixed table had no moments
+    model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    adamw.step()  # and nanoGPT trains on
