@@ -24,6 +24,7 @@ from minigpt.errors import UserError
 from minigpt.gpt import GPT, GPTConfig
 from minigpt.optim import AdamW, CosineSchedule
 from minigpt.outdir import OutDir
+from minigpt.plot import INSTALL_HINT, PLOT_FILE, have_matplotlib, plot_run
 from minigpt.tokenizers import (
     BPETokenizer,
     CharTokenizer,
@@ -526,6 +527,15 @@ def _train(cfg: RunConfig, run: Run, corpus: Corpus, out: OutDir, log: Callable[
     if start_step:
         log(f"resuming from {out.last} at step {start_step}")
     checkpoints = Checkpoints(cfg, run, corpus, out)
+    on_eval = checkpoints.on_eval
+    if have_matplotlib():  # redraw out/loss.png after each evaluation's checkpoint
+
+        def on_eval(state: TrainState) -> None:
+            checkpoints.on_eval(state)
+            plot_run(out.path)
+
+    elif not start_step:
+        log(f"note: {out.path / PLOT_FILE} (a loss plot) is drawn at each evaluation with {INSTALL_HINT}")
     tokens_per_step = cfg.batch_size * cfg.model.block_size * cfg.grad_accum
     try:
         result = train(
@@ -541,7 +551,7 @@ def _train(cfg: RunConfig, run: Run, corpus: Corpus, out: OutDir, log: Callable[
             eval_fn=make_evaluator(cfg, run, corpus),
             eval_interval=cfg.eval_interval,
             log_interval=cfg.log_interval,
-            on_eval=checkpoints.on_eval,
+            on_eval=on_eval,
             on_interrupt=checkpoints.on_interrupt,
             log_path=out.metrics,
             quiet=cfg.quiet,

@@ -69,9 +69,16 @@ class _Reporter:
     """Where progress goes: a tqdm bar on a terminal, plain lines otherwise, nothing when quiet; plus JSONL."""
 
     def __init__(
-        self, state: TrainState, desc: str, quiet: bool, log_path: str | Path | None, time_offset: float
+        self,
+        state: TrainState,
+        desc: str,
+        quiet: bool,
+        log_path: str | Path | None,
+        time_offset: float,
+        tokens_per_step: int | None = None,
     ) -> None:
         self.quiet, self.desc, self.history, self.time_offset = quiet, desc, [], time_offset
+        self.tokens_per_step = tokens_per_step
         self.bar = None
         if not quiet and sys.stdout.isatty():
             self.bar = tqdm(
@@ -86,6 +93,8 @@ class _Reporter:
         """Append `rec` to the history and the JSONL log; its "time" counts from the run's start (across
         resumes), and "wall" is the Unix time it was written."""
         rec["time"] = round(rec["time"] + self.time_offset, 4)
+        if self.tokens_per_step:
+            rec["tokens"] = rec["step"] * self.tokens_per_step  # tokens seen: the x axis of a loss plot
         rec["wall"] = round(time.time(), 3)
         self.history.append(rec)
         if self.log is not None:
@@ -229,7 +238,7 @@ def train(
     if start_step < 0 or max_steps < 0:
         raise ValueError(f"train: need 0 <= start_step and 0 <= max_steps (got {start_step}, {max_steps})")
     state = TrainState(step=start_step, max_steps=max_steps, lr=float(optimizer.param_groups[0]["lr"]))
-    report = _Reporter(state, desc, quiet, log_path, time_offset)
+    report = _Reporter(state, desc, quiet, log_path, time_offset, tokens_per_step)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     device = params[0].device if params else "cpu"
     # Reading a value on the CPU is free, so the loss and gradient norm are checked at every step,
