@@ -21,6 +21,7 @@ from minigpt.autograd import (
     zeros,
 )
 from minigpt.gpt import GPT, GPTConfig
+from minigpt.inference import generate_text, load
 
 __version__ = "0.1.0"
 
@@ -34,7 +35,9 @@ __all__ = [
     "enable_grad",
     "get_num_threads",
     "functional",
+    "generate_text",
     "is_grad_enabled",
+    "load",
     "masked_fill",
     "nn",
     "no_grad",

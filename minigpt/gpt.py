@@ -315,6 +315,8 @@ def _op(op: Any, array: Any) -> Any:
 
 
 def _as_batch(idx: Any) -> np.ndarray:
+    if isinstance(idx, str):
+        raise TypeError("generate takes token ids; for text use minigpt.generate_text(model, tokenizer, text)")
     tokens = np.asarray(to_numpy(idx.data) if isinstance(idx, Tensor) else idx, dtype=np.int64)
     if tokens.ndim == 1:
         tokens = tokens[None, :]

@@ -30,7 +30,7 @@ def best_time(fn: Callable[[], object], repeat: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", metavar="FILE", help="UTF-8 text file (default: train_gpt.py's default text)")
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary to learn (default: 4096)")
     p.add_argument("--pattern", default="gpt2", help='"gpt2", "gpt4" or a regex in tiktoken syntax')
     p.add_argument("--repeat", type=int, default=3, help="timed runs of encode/decode; the best is shown")
     args = p.parse_args(argv)

@@ -6,7 +6,7 @@ Prints µs per op, the speed-up and the effective bandwidth against the minimum 
 move. Needs CuPy and an NVIDIA GPU.
 
     python scripts/bench_kernels.py                  # GPT-2-small shapes (B=8, T=1024, C=768)
-    python scripts/bench_kernels.py --config M       # bench_train.py's config M
+    python scripts/bench_kernels.py --preset M       # bench_train.py's config M
 """
 
 from __future__ import annotations
@@ -80,11 +80,13 @@ def time_adamw(cp: Any, shape: tuple[int, ...], reps: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(SHAPES), default="GPT2")
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument(
+        "--preset", choices=sorted(SHAPES), default="GPT2", help="a named size, as bench_train.py's (default: GPT2)"
+    )
+    parser.add_argument("--reps", type=int, default=20, help="timed runs per kernel; the median is shown (default: 20)")
     args = parser.parse_args()
     cp = cupy_module()
-    B, T, C, nh, V = SHAPES[args.config]
+    B, T, C, nh, V = SHAPES[args.preset]
     N, hs = B * T, C // nh
     rng = np.random.default_rng(0)
 
@@ -115,7 +117,7 @@ def main() -> None:
             f4 * (N * C * 2 + V * C),
         ),  # fmt: skip
     }
-    print(f"config {args.config}: B={B} T={T} C={C} n_head={nh} vocab={V}; float32, median of {args.reps}")
+    print(f"config {args.preset}: B={B} T={T} C={C} n_head={nh} vocab={V}; float32, median of {args.reps}")
     print(
         f"{'op (forward+backward)':<26}{'kernels µs':>12}{'(fwd + bwd)':>16}{'CuPy µs':>12}{'(fwd + bwd)':>16}"
         f"{'speed-up':>10}{'kernels GB/s':>14}"

@@ -4,12 +4,12 @@ Prints median step time, tokens/s, achieved GFLOP/s and MFU against this machine
 peak (measured here with large NumPy matmuls), and peak RSS; on the GPU also the memory each
 engine's caching allocator holds at its peak (CuPy's pool, PyTorch's max_memory_reserved).
 
-    python scripts/bench_train.py --config S                 # nanoGPT's CPU Shakespeare model
-    python scripts/bench_train.py --config M --vs-torch      # side by side with PyTorch eager
-    python scripts/bench_train.py --config V --vs-torch      # GPT-2's 50,304-token vocabulary, 8 x 512 wide
-    python scripts/bench_train.py --config S --sample        # generation: KV cache vs none
+    python scripts/bench_train.py --preset S                 # nanoGPT's CPU Shakespeare model
+    python scripts/bench_train.py --preset M --vs-torch      # side by side with PyTorch eager
+    python scripts/bench_train.py --preset V --vs-torch      # GPT-2's 50,304-token vocabulary, 8 x 512 wide
+    python scripts/bench_train.py --preset S --sample        # generation: KV cache vs none
     python scripts/bench_train.py --n-layer 2 --n-embd 64 --block-size 32 --batch-size 4 --vocab-size 100
-    python scripts/bench_train.py --config M --device cuda --vs-torch [--tf32]   # GPU (CuPy vs PyTorch)
+    python scripts/bench_train.py --preset M --device cuda --vs-torch [--tf32]   # GPU (CuPy vs PyTorch)
 
 On --device cuda the peak is cuBLAS's (a CuPy matmul) and every timed step ends synchronised.
 --tf32 lets float32 GEMMs use TF32 tensor cores in both engines: CUPY_TF32=1 (set here, before
@@ -48,10 +48,19 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from minigpt.autograd import parallel
 from minigpt.autograd.backend import cupy_module, get_array_module, normalize_device, to_device
+from minigpt.cli import Parser
 from minigpt.errors import UserError, cli_main
 from minigpt.gpt import GPT, GPTConfig
 from minigpt.optim import AdamW, clip_grad_norm_
 
+SIZE_FLAGS = {
+    "n_layer": "transformer blocks",
+    "n_head": "attention heads per block",
+    "n_embd": "embedding width",
+    "block_size": "context length in tokens",
+    "batch_size": "sequences per step",
+    "vocab_size": "vocabulary size (random tokens)",
+}
 CONFIGS = {
     "S": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65),
     "M": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, vocab_size=65),
@@ -257,8 +266,8 @@ def child_main(args: argparse.Namespace, s: dict[str, int]) -> None:
 
 
 def settings(args: argparse.Namespace) -> dict[str, int]:
-    s = dict(CONFIGS[args.config]) if args.config else dict(CONFIGS["S"])
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "vocab_size"):
+    s = dict(CONFIGS[args.preset]) if args.preset else dict(CONFIGS["S"])
+    for key in SIZE_FLAGS:
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     return s
@@ -282,19 +291,22 @@ def bench_sampling(s: dict[str, int], device: str, new_tokens: int, repeats: int
 
 
 @cli_main
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), help="a named size (default S)")
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "vocab_size"):
-        parser.add_argument("--" + key.replace("_", "-"), type=int)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per process")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help='"cpu" or "cuda" (CuPy; PyTorch on the same GPU)')
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    presets = "; ".join(f"{name}: {', '.join(f'{k} {v}' for k, v in s.items())}" for name, s in CONFIGS.items())
+    parser.add_argument("--preset", choices=sorted(CONFIGS), help=f"a named size (default S). {presets}")
+    for key, what in SIZE_FLAGS.items():
+        parser.add_argument("--" + key.replace("_", "-"), type=int, metavar="N", help=f"{what} (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per process (default: 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, per process (default: 2)")
+    parser.add_argument(
+        "--device", default="cpu", help='"cpu" or "cuda" (CuPy; PyTorch on the same GPU) (default: cpu)'
+    )
     parser.add_argument("--tf32", action="store_true", help="allow TF32 tensor-core GEMMs (CuPy and PyTorch)")
     parser.add_argument("--vs-torch", action="store_true", help="time PyTorch eager side by side")
     parser.add_argument("--sample", action="store_true", help="also time generation with and without KV cache")
-    parser.add_argument("--sample-tokens", type=int, default=500)
-    parser.add_argument("--rounds", type=int, default=2, help="processes per engine, taking turns")
+    parser.add_argument("--sample-tokens", type=int, default=500, help="tokens generated by --sample (default: 500)")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per engine, taking turns (default: 2)")
     parser.add_argument("--child", choices=["minigpt", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
@@ -307,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     tokens = s["batch_size"] * s["block_size"]
-    print(f"config {args.config or 'S'}: {s}, {parallel.get_num_threads()} threads, device {args.device}")
+    print(f"preset {args.preset or 'S'}: {s}, {parallel.get_num_threads()} threads, device {args.device}")
     n, lib = (8192, "CuPy/cuBLAS") if args.device == "cuda" else (2048, "NumPy")
     peak = gemm_peak_gflops(n, device=args.device)
     tf32 = " (TF32)" if args.tf32 and args.device == "cuda" else ""

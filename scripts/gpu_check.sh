@@ -39,7 +39,7 @@ for s in "$@"; do
     bench)  # bench_train.py side by side with PyTorch eager on the GPU
         for config in ${BENCH_CONFIGS:-M GPT2}; do
             for tf32 in "" --tf32; do
-                stage bench "${BENCH_LIMIT:-150}" $PY scripts/bench_train.py --config "$config" --device cuda --vs-torch \
+                stage bench "${BENCH_LIMIT:-150}" $PY scripts/bench_train.py --preset "$config" --device cuda --vs-torch \
                     --steps "${BENCH_STEPS:-10}" $tf32
             done
         done
@@ -50,7 +50,7 @@ for s in "$@"; do
         grep -vE "^\[" "$OUT/kernels.log"
         ;;
     profile)  # where the host time of a config-M training step goes (cProfile, minigpt alone)
-        stage profile 120 $PY -m cProfile -s tottime scripts/bench_train.py --child minigpt --config M --device cuda --steps 30
+        stage profile 120 $PY -m cProfile -s tottime scripts/bench_train.py --child minigpt --preset M --device cuda --steps 30
         grep -A 30 "Ordered by" "$OUT/profile.log"
         ;;
     train)  # the default Shakespeare run on the GPU (compare its val loss with the CPU run's)

@@ -1,7 +1,7 @@
 """Where a GPT training step spends its time: forward and backward milliseconds per op class.
 
-    python scripts/profile_train.py --config M
-    python scripts/profile_train.py --config S --steps 10
+    python scripts/profile_train.py --preset M
+    python scripts/profile_train.py --preset S --steps 10
 
 Wraps every Function's forward and backward with a timer (a few µs of overhead per op), runs a
 few steps of bench_train.py's model, and prints per-step totals, largest first.
@@ -25,8 +25,10 @@ from minigpt.optim import clip_grad_norm_  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="M")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument(
+        "--preset", choices=sorted(CONFIGS), default="M", help="a named size, as bench_train.py's (default: M)"
+    )
+    parser.add_argument("--steps", type=int, default=4, help="profiled training steps (default: 4)")
     args = parser.parse_args()
 
     forward_s: dict[str, float] = collections.defaultdict(float)
@@ -51,7 +53,7 @@ def main() -> None:
         return out
 
     function.Function.apply = classmethod(timed_apply)
-    s = CONFIGS[args.config]
+    s = CONFIGS[args.preset]
     runner = MinigptRunner(s, "cpu")
     data = batches(s, args.steps + 1)
     runner.step(*data[0])  # warm-up, not counted
@@ -75,7 +77,7 @@ def main() -> None:
         phases["adamw"] += t4 - t3
     n = args.steps
     ms = {k: v / n * 1e3 for k, v in phases.items()}
-    print(f"config {args.config}: step {sum(ms.values()):.1f} ms = " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()))
+    print(f"config {args.preset}: step {sum(ms.values()):.1f} ms = " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()))
     for name in sorted(set(forward_s) | set(backward_s), key=lambda k: -(forward_s[k] + backward_s[k])):
         fwd, bwd = forward_s[name] / n * 1e3, backward_s[name] / n * 1e3
         print(f"  {name:<28} forward {fwd:8.1f} ms   backward {bwd:8.1f} ms")

@@ -118,9 +118,9 @@ def plot_boundary(model: nn.Module, x: np.ndarray, y: np.ndarray, path: str) -> 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--task", choices=["moons", "xor"], default="moons")
+    ap.add_argument("--task", choices=["moons", "xor"], default="moons", help="the toy dataset (default: moons)")
     ap.add_argument("--steps", type=int, default=100, help="SGD steps (default 100)")
-    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--seed", type=int, default=1337, help="data and weight seed (default: 1337)")
     ap.add_argument("--plot", metavar="FILE.png", help="draw the decision boundary (needs matplotlib)")
     ap.add_argument("--quiet", action="store_true", help="only the final line")
     args = ap.parse_args(argv)
