@@ -17,6 +17,7 @@ import importlib.util
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from minigpt import config
