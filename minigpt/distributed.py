@@ -22,20 +22,26 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import numpy as np
 
 from minigpt.errors import UserError
+from minigpt.train import TrainingDiverged
 
+T = TypeVar("T")
 # Environment variables by which MPI launchers announce the world size (MPICH/Hydra, Open MPI, PMIx, Slurm).
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 INSTALL_HINT = 'install the MPI extra: pip install -e ".[mpi]" (mpi4py and the mpich runtime)'
 
 
-class RanksDisagree(UserError):
-    """Raised on every rank at once when the ranks were started with different settings or data."""
+class CollectiveError(UserError):
+    """Bad input found by (or for) every rank at once: rank 0 reports it, and every rank exits with code 2."""
+
+
+class RanksDisagree(CollectiveError):
+    """The ranks were started with different settings or data."""
 
 
 def launched_size() -> int:
@@ -86,6 +92,27 @@ class Distributed:
                 f"the {self.world_size} ranks disagree on {what} (rank {differ[0]} differs from rank 0); "
                 "start every rank with the same command, settings and data files"
             )
+
+    def main_first(self, fn: Callable[[], T], others: Callable[[], T] | None = None) -> T:
+        """fn() on rank 0; then, if it succeeded, `others()` (default: fn) on the other ranks.
+
+        A UserError on rank 0 (a refusal: the out-dir is taken, a file is bad) is raised on every rank
+        as a CollectiveError, so the job stops with rank 0's one line instead of leaving the others
+        waiting. Work that writes (the out-dir, token files) thus happens once, before anyone reads it.
+        """
+        if self.comm is None:
+            return fn()
+        result: Any = None
+        error = None
+        if self.is_main:
+            try:
+                result = fn()
+            except UserError as e:  # CollectiveError included
+                error = str(e)
+        error = self.broadcast(error)
+        if error is not None:
+            raise CollectiveError(error)
+        return result if self.is_main else (others or fn)()
 
     def gather(self, value: Any) -> list[Any] | None:
         """Every rank's `value` as a list on rank 0 (None elsewhere)."""
@@ -171,7 +198,7 @@ class Distributed:
 
 def check_gpu_count(ranks_on_node: int, n_gpus: int) -> None:
     if n_gpus < ranks_on_node:
-        raise RanksDisagree(
+        raise CollectiveError(
             f"--device cuda with {ranks_on_node} ranks on this machine but only {n_gpus} GPU(s): "
             f"start at most {n_gpus} ranks per machine (one GPU each), or use --device cpu"
         )
@@ -236,10 +263,13 @@ def session(device: str = "cpu") -> Iterator[Distributed]:
         dist.share_cores()
         dist.claim_device()
         yield dist
-    except RanksDisagree:
-        if dist.is_main:
-            raise
-        sys.exit(2)
+    except (CollectiveError, TrainingDiverged) as e:  # found on every rank at once (divergence: maybe rank 0 alone)
+        if not dist.is_main:
+            sys.exit(2)
+        if isinstance(e, CollectiveError):
+            raise  # every rank exits with code 2; rank 0 says why
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        dist.comm.Abort(2)
     except BaseException as e:  # any failure must end every rank
         if isinstance(e, SystemExit) and not e.code:
             raise
@@ -258,4 +288,4 @@ def session(device: str = "cpu") -> Iterator[Distributed]:
         _current = Distributed()
 
 
-__all__ = ["Distributed", "RanksDisagree", "current", "launched_size", "session"]
+__all__ = ["CollectiveError", "Distributed", "RanksDisagree", "current", "launched_size", "session"]

@@ -5,16 +5,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from minigpt import distributed
 from minigpt.autograd import no_grad
 from minigpt.autograd.backend import cupy_module, normalize_device, to_device, to_numpy
 from minigpt.checkpoint import check_meta, load_checkpoint, meta_error, save_checkpoint
@@ -25,6 +28,7 @@ from minigpt.gpt import GPT, GPTConfig
 from minigpt.optim import AdamW, CosineSchedule
 from minigpt.outdir import OutDir
 from minigpt.plot import INSTALL_HINT, PLOT_FILE, have_matplotlib, plot_run
+from minigpt.prepare import check_token_dir, prepare_corpus
 from minigpt.tokenizers import (
     BPETokenizer,
     CharTokenizer,
@@ -34,7 +38,7 @@ from minigpt.tokenizers import (
     padded_vocab_size,
     tokenizer_from_dict,
 )
-from minigpt.train import TrainingDiverged, TrainState, train
+from minigpt.train import TrainingDiverged, TrainState, is_eval_step, train
 
 TOKENIZERS = ("char", "bpe", "gpt2")
 # Our BPE's smallest vocabulary: the 256 byte tokens plus the end-of-text special token.
@@ -55,7 +59,12 @@ class RunConfig:
     """
 
     data: str | None = setting(
-        None, "UTF-8 text file to train on (default: Tiny Shakespeare; offline: Python's own sources)"
+        None,
+        "UTF-8 text to train on: a file, a folder of files or a quoted glob, of any size, tokenized in chunks "
+        "into out_dir/data (default: Tiny Shakespeare; offline: Python's own sources)",
+    )
+    data_dir: str | None = setting(
+        None, "train on token files from scripts/prepare.py (train.bin, val.bin, meta.json); no text is read"
     )
     out_dir: str = setting("out", "where checkpoints, token files and metrics.jsonl go")
     tokenizer: str = setting("char", "char, bpe (trained here) or gpt2 (tiktoken)", choices=TOKENIZERS)
@@ -104,7 +113,7 @@ class RunConfig:
 # Settings that fix the model's shape: a checkpoint decides them on --resume.
 MODEL_SETTINGS = tuple(flat_fields(GPTConfig))
 # On --resume these must match the checkpoint (the token files of the out-dir depend on them) ...
-FIXED_ON_RESUME = ("data", "tokenizer", "vocab_size", *MODEL_SETTINGS)
+FIXED_ON_RESUME = ("data", "data_dir", "tokenizer", "vocab_size", *MODEL_SETTINGS)
 # ... these are this invocation's own, never taken from the checkpoint; every other setting is the
 # checkpoint's unless the user sets it again (e.g. a larger --max-iters).
 NOT_RESUMED = ("out_dir", "resume", "overwrite", "quiet", "device", "init_from")
@@ -283,12 +292,32 @@ class Corpus:
         return self.tokenizer.decode([int(self.train_ids[0])])
 
 
-def prepare_data(cfg: RunConfig, data_dir: Path, tokenizer: Tokenizer | None = None) -> Corpus:
-    """Find the text, build the tokenizer (unless given) and write data_dir/{train,val}.bin."""
+def prepare_data(
+    cfg: RunConfig, data_dir: Path, tokenizer: Tokenizer | None = None, log: Callable[[str], None] = print
+) -> Corpus:
+    """Find the text, build the tokenizer (unless given) and write data_dir/{train,val}.bin.
+
+    --data-dir: the token files prepared there are used as they are. --data: streamed in chunks by
+    worker processes (minigpt.prepare), so the text may be larger than memory.
+    """
+    if cfg.data_dir is not None:
+        return read_prepared(Path(cfg.data_dir), cfg.model.block_size, tokenizer)
+    if cfg.data is not None:
+        kwargs = dict(vocab_size=cfg.vocab_size, overwrite=True, quiet=cfg.quiet, log=log)
+        meta = prepare_corpus(cfg.data, data_dir, tokenizer or cfg.tokenizer, **kwargs)
+        source = f"{cfg.data} ({meta['source_bytes']:,} bytes in {len(meta['fingerprint']['sources'])} file(s))"
+        tokenizer = tokenizer or tokenizer_from_dict(meta["tokenizer"])
+        return read_token_files(data_dir, tokenizer, source, cfg.model.block_size)
     text, source = resolve_corpus(cfg.data)
     tokenizer = tokenizer or build_tokenizer(cfg, text)
     prepare(text, tokenizer, data_dir)
     return read_token_files(data_dir, tokenizer, source, cfg.model.block_size)
+
+
+def read_prepared(data_dir: Path, block_size: int, tokenizer: Tokenizer | None = None) -> Corpus:
+    """The token files of a prepared directory, with the tokenizer its meta.json names (or `tokenizer`)."""
+    tokenizer = tokenizer or tokenizer_from_dict(load_meta(data_dir).get("tokenizer", {}))
+    return read_token_files(data_dir, tokenizer, f"{data_dir} (prepared token files)", block_size)
 
 
 def read_token_files(data_dir: Path, tokenizer: Tokenizer, source: str, block_size: int) -> Corpus:
@@ -355,8 +384,10 @@ def resume_data(cfg: RunConfig, resumed: Resumed, data_dir: Path, log: Callable[
     try:
         return read_token_files(data_dir, resumed.tokenizer, source, cfg.model.block_size)
     except UserError as e:
+        if cfg.data_dir is not None:  # prepared elsewhere: not ours to re-make
+            raise
         log(f"notice: cannot reuse the token files ({e}); tokenizing the text again")
-        return prepare_data(cfg, data_dir, tokenizer=resumed.tokenizer)
+        return prepare_data(cfg, data_dir, tokenizer=resumed.tokenizer, log=log)
 
 
 @dataclass
@@ -370,10 +401,14 @@ class Run:
     step: int = 0
     best_val: float = math.inf
     elapsed: float = 0.0
+    resumed_meta: dict[str, Any] = field(default_factory=dict)  # the checkpoint's metadata, if resumed
 
 
-def build_run(cfg: RunConfig, corpus: Corpus, resumed: Resumed | None, init: GPT | None = None) -> Run:
-    """A fresh model (weights from cfg.seed, or `init`'s) or the resumed one, on cfg.device."""
+def build_run(cfg: RunConfig, corpus: Corpus, resumed: Resumed | None, init: GPT | None = None, rank: int = 0) -> Run:
+    """A fresh model (weights from cfg.seed, or `init`'s) or the resumed one, on cfg.device.
+
+    Data-parallel rank `rank` draws batches from a stream of its own; rank 0's is the single-process one.
+    """
     vocab_size = model_vocab_size(corpus.tokenizer)
     if resumed is not None:  # a model started from other weights keeps their vocabulary (GPT-2's: unpadded)
         vocab_size = resumed.meta["model_config"].get("vocab_size", vocab_size)
@@ -381,19 +416,22 @@ def build_run(cfg: RunConfig, corpus: Corpus, resumed: Resumed | None, init: GPT
     optimizer = AdamW(
         model.parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
     )
-    batches = BatchSampler(corpus.train_ids, cfg.batch_size, cfg.model.block_size, seed=cfg.seed, name="train")
+    seed = cfg.seed if rank == 0 else np.random.SeedSequence([cfg.seed, rank])
+    batches = BatchSampler(corpus.train_ids, cfg.batch_size, cfg.model.block_size, seed=seed, name="train")
     run = Run(model, optimizer, batches)
     if resumed is not None:
         meta = resumed.meta
         model.load_state_dict(resumed.state)
         if resumed.optim is not None:
             optimizer.load_state_dict(resumed.optim)
-        batches.set_state(meta["rng"]["train_batches"])
+        streams = meta["rng"].get("train_batches_ranks") or [meta["rng"]["train_batches"]]
+        if rank < len(streams):  # a rank the saved run did not have starts its stream afresh
+            batches.set_state(streams[rank])
         try:
             model.dropout_rng.bit_generator.state = meta["rng"]["dropout"]
         except (TypeError, ValueError, KeyError) as e:
             raise meta_error(resumed.path, "rng.dropout", f"is not a NumPy generator state ({e})") from None
-        run.step, run.elapsed = meta["step"], float(meta.get("elapsed", 0.0))
+        run.step, run.elapsed, run.resumed_meta = meta["step"], float(meta.get("elapsed", 0.0)), meta
         run.best_val = math.inf if meta.get("best_val_loss") is None else float(meta["best_val_loss"])
     model.to(cfg.device)
     return run
@@ -429,11 +467,15 @@ class Checkpoints:
 
     Nothing is written from a broken state: the loop raises before on_eval on a non-finite
     evaluation, and `save` refuses non-finite weights, so the last good files stay as they were.
+    Data parallel (N > 1 ranks): rank 0 writes them, with every rank's batch-stream state, gathered
+    from all ranks after each evaluation step (`on_step_end`) and on an interrupt.
     """
 
     def __init__(self, cfg: RunConfig, run: Run, corpus: Corpus, out: OutDir):
         self.cfg, self.run, self.corpus, self.out = cfg, run, corpus, out
         self.saved_step: int | None = run.step if run.step else None  # of last.npz, if there is one
+        self.dist = distributed.current()
+        self.streams: list[dict[str, Any]] | None = None  # every rank's batch-stream state (N > 1)
 
     def save(self, path: Path, state: TrainState) -> None:
         run = self.run
@@ -455,7 +497,12 @@ class Checkpoints:
                 "step": state.step,
                 "best_val_loss": None if math.isinf(run.best_val) else run.best_val,
                 "elapsed": run.elapsed + state.elapsed,
-                "rng": {"train_batches": run.batches.state(), "dropout": run.model.dropout_rng.bit_generator.state},
+                "rng": {
+                    "train_batches": run.batches.state(),
+                    "dropout": run.model.dropout_rng.bit_generator.state,
+                    **({"train_batches_ranks": self.streams} if self.streams else {}),
+                },
+                "world_size": self.dist.world_size,
                 "data": self.corpus.source,
             },
         )
@@ -468,6 +515,16 @@ class Checkpoints:
         return f"The last good checkpoint, {self.out.last} (step {self.saved_step}), is kept"
 
     def on_eval(self, state: TrainState) -> None:
+        if self.dist.world_size == 1:  # else in on_step_end, once every rank's batch state is gathered
+            self.save_evaluated(state)
+
+    def on_step_end(self, state: TrainState) -> None:
+        if is_eval_step(state.step, self.cfg.eval_interval, self.cfg.max_iters):
+            self.streams = self.dist.gather(self.run.batches.state())  # a collective: every rank is here
+            if self.dist.is_main:
+                self.save_evaluated(state)
+
+    def save_evaluated(self, state: TrainState) -> None:
         val = state.metrics["val_loss"]
         if val < self.run.best_val:
             self.run.best_val = val
@@ -475,6 +532,10 @@ class Checkpoints:
         self.save(self.out.last, state)
 
     def on_interrupt(self, state: TrainState) -> None:
+        if self.dist.world_size > 1:  # every rank stops at the same step (train's grad_sync agrees on it)
+            self.streams = self.dist.gather(self.run.batches.state())
+            if not self.dist.is_main:
+                return
         self.save(self.out.last, state)
 
 
@@ -483,30 +544,38 @@ def train_lm(cfg: RunConfig, explicit: set[str] | None = None, log: Callable[[st
 
     `explicit` names the settings the user set on purpose. On --resume every other setting comes
     from the checkpoint, and those that fix the model or the token files must agree with it.
+    Under mpiexec (minigpt.distributed) every rank runs this; rank 0 alone writes (out-dir, token
+    files, checkpoints, metrics), and its refusals (one line) stop every rank.
     """
     explicit = set(explicit or ())
-    check_fits(cfg, vocab_size=1)  # the vocabulary is not known yet; absurd sizes are refused already
-    with OutDir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite) as out:
-        resumed, init = None, None
+    dist = distributed.current()
+    if not dist.is_main:
+        log = _silent
+    dist.check_same("the settings", to_flat(cfg))
+    dist.main_first(lambda: _check_new_run(cfg, explicit))
+    with contextlib.ExitStack() as stack:
+        out = OutDir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+        dist.main_first(lambda: stack.enter_context(out), others=lambda: out)  # rank 0 creates and locks it
+        resumed, init, tokenizer = None, None, None
         if cfg.resume:
-            cfg, resumed = read_resume(cfg, explicit, out.last)
-            corpus = resume_data(cfg, resumed, out.data, log)
-            out.trim_metrics(resumed.meta["step"])
-        else:
-            if "vocab_size" in explicit and cfg.tokenizer != "bpe":
-                raise UserError(
-                    f"--vocab-size only applies to --tokenizer bpe (the {cfg.tokenizer} vocabulary is fixed)"
-                )
-            # The LR schedule's horizon is fixed now, so a resumed run with a larger --max-iters keeps it.
+            cfg, resumed = dist.main_first(lambda: read_resume(cfg, explicit, out.last))
+        else:  # the LR schedule's horizon is fixed now, so a resumed run with a larger --max-iters keeps it
             cfg = replace(cfg, lr_decay_iters=cfg.lr_decay_iters or cfg.max_iters)
-            tokenizer = None
             if cfg.init_from:
-                cfg, init, tokenizer = read_init(cfg, explicit)
+                cfg, init, tokenizer = dist.main_first(lambda: read_init(cfg, explicit))
                 log(f"init from {cfg.init_from}: weights and tokenizer ({tokenizer.kind}), a fresh optimizer")
-            corpus = prepare_data(cfg, out.data, tokenizer=tokenizer)
-        check_fits(cfg, model_vocab_size(corpus.tokenizer))
-        run = build_run(cfg, corpus, resumed, init)
-        if init is not None:  # the starting point, on the same batches as every later evaluation
+        token_dir = Path(cfg.data_dir) if cfg.data_dir is not None else out.data
+        corpus = dist.main_first(
+            lambda: _main_data(cfg, resumed, tokenizer, out, log),
+            others=lambda: read_prepared(token_dir, cfg.model.block_size, tokenizer),  # what rank 0 prepared
+        )
+        if cfg.data_dir is not None and "tokenizer" in explicit:
+            check_token_dir(cfg.data_dir, expected=cfg.tokenizer)
+        dist.check_same("the data (meta.json of the token files)", corpus.meta)
+        dist.main_first(lambda: check_fits(cfg, model_vocab_size(corpus.tokenizer)))
+        run = build_run(cfg, corpus, resumed, init, rank=dist.rank)
+        dist.check_same("the initial weights", _weights_digest(run.model))
+        if init is not None and dist.is_main:  # the starting point, on the same batches as every later evaluation
             with no_grad():
                 run.model.eval()
                 metrics = make_evaluator(cfg, run, corpus)()
@@ -514,6 +583,53 @@ def train_lm(cfg: RunConfig, explicit: set[str] | None = None, log: Callable[[st
             train_loss, val_loss = metrics["train_loss"], metrics["val_loss"]
             log(f"step 0 (the --init-from weights): train loss {train_loss:.4f}, val loss {val_loss:.4f}")
         return _train(cfg, run, corpus, out, log)
+
+
+def _check_new_run(cfg: RunConfig, explicit: set[str]) -> None:
+    check_fits(cfg, vocab_size=1)  # the vocabulary is not known yet; absurd sizes are refused already
+    if cfg.data is not None and cfg.data_dir is not None:
+        raise UserError("--data and --data-dir both given: train on text (--data) or on prepared tokens (--data-dir)")
+    if not cfg.resume and "vocab_size" in explicit and cfg.tokenizer != "bpe":
+        raise UserError(f"--vocab-size only applies to --tokenizer bpe (the {cfg.tokenizer} vocabulary is fixed)")
+
+
+def _main_data(
+    cfg: RunConfig, resumed: Resumed | None, tokenizer: Tokenizer | None, out: OutDir, log: Callable[[str], None]
+) -> Corpus:
+    """The run's token files (rank 0): reused on --resume, else prepared."""
+    if resumed is None:
+        return prepare_data(cfg, out.data, tokenizer=tokenizer, log=log)
+    corpus = resume_data(cfg, resumed, Path(cfg.data_dir) if cfg.data_dir is not None else out.data, log)
+    out.trim_metrics(resumed.meta["step"])
+    return corpus
+
+
+def _silent(message: str) -> None:
+    """The log of a data-parallel rank other than 0."""
+
+
+def _weights_digest(model: GPT) -> str:
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(to_numpy(p.data).tobytes())
+    return digest.hexdigest()
+
+
+def _resume_notice(meta: dict[str, Any], path: Path, cfg: RunConfig, world_size: int) -> str | None:
+    """What resuming on a different number of ranks than the checkpoint's run means (None: the same)."""
+    saved = int(meta.get("world_size", 1))
+    if saved == world_size:
+        return None
+    kept = min(saved, world_size)
+    return (
+        f"notice: {path} was written by a {saved}-rank run and resumes on {world_size} rank(s). The weights, "
+        "optimizer state and step continue; "
+        + ("rank 0 continues its batch stream" if kept == 1 else f"ranks 0-{kept - 1} continue their batch streams")
+        + (f", ranks {saved}-{world_size - 1} start new ones" if world_size > saved else "")
+        + f"; a step now takes {world_size} x {cfg.batch_size} sequences (was {saved} x {cfg.batch_size}), so the "
+        f"run will not repeat an uninterrupted {saved}-rank run. Resume on {saved} rank(s) for that"
+    )
 
 
 def _train(cfg: RunConfig, run: Run, corpus: Corpus, out: OutDir, log: Callable[[str], None]) -> RunSummary:
@@ -524,11 +640,20 @@ def _train(cfg: RunConfig, run: Run, corpus: Corpus, out: OutDir, log: Callable[
         f"{corpus.meta['train_tokens']:,} train / {corpus.meta['val_tokens']:,} val tokens"
     )
     log(f"model: {run.model.num_parameters() / 1e6:.2f}M parameters, {run.model.config}")
+    dist = distributed.current()
     if start_step:
         log(f"resuming from {out.last} at step {start_step}")
+        if notice := _resume_notice(run.resumed_meta, out.last, cfg, dist.world_size):
+            log(notice)
+    parallel = dist.world_size > 1
+    if parallel:
+        log(
+            f"data parallel: {dist.world_size} ranks x batch {cfg.batch_size} x {cfg.grad_accum} micro-batch(es) "
+            f"= {dist.world_size * cfg.batch_size * cfg.grad_accum} sequences per step"
+        )
     checkpoints = Checkpoints(cfg, run, corpus, out)
     on_eval = checkpoints.on_eval
-    if have_matplotlib():  # redraw out/loss.png after each evaluation's checkpoint
+    if have_matplotlib() and dist.is_main:  # redraw out/loss.png after each evaluation's checkpoint
 
         def on_eval(state: TrainState) -> None:
             checkpoints.on_eval(state)
@@ -536,7 +661,8 @@ def _train(cfg: RunConfig, run: Run, corpus: Corpus, out: OutDir, log: Callable[
 
     elif not start_step:
         log(f"note: {out.path / PLOT_FILE} (a loss plot) is drawn at each evaluation with {INSTALL_HINT}")
-    tokens_per_step = cfg.batch_size * cfg.model.block_size * cfg.grad_accum
+    tokens_per_step = cfg.batch_size * cfg.model.block_size * cfg.grad_accum * dist.world_size
+    params = list(run.model.parameters())
     try:
         result = train(
             run.model,
@@ -548,15 +674,17 @@ def _train(cfg: RunConfig, run: Run, corpus: Corpus, out: OutDir, log: Callable[
             lr_schedule=CosineSchedule(cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters),
             grad_clip=cfg.grad_clip or None,
             grad_accum=cfg.grad_accum,
-            eval_fn=make_evaluator(cfg, run, corpus),
+            eval_fn=make_evaluator(cfg, run, corpus) if dist.is_main else None,  # rank 0 alone evaluates, logs
             eval_interval=cfg.eval_interval,
             log_interval=cfg.log_interval,
             on_eval=on_eval,
+            on_step_end=checkpoints.on_step_end if parallel else None,
             on_interrupt=checkpoints.on_interrupt,
-            log_path=out.metrics,
-            quiet=cfg.quiet,
+            log_path=out.metrics if dist.is_main else None,
+            quiet=cfg.quiet or not dist.is_main,
             tokens_per_step=tokens_per_step,
             time_offset=run.elapsed,
+            grad_sync=(lambda loss, stop: dist.average_gradients(params, loss, stop)) if parallel else None,
         )
     except NotSaved:
         raise
@@ -579,7 +707,7 @@ def _train(cfg: RunConfig, run: Run, corpus: Corpus, out: OutDir, log: Callable[
             f"interrupted by {name} at step {result.step}: saved {out.last} (step {result.step}); "
             "continue with --resume"
         )
-    elif cfg.sample_tokens > 0:
+    elif cfg.sample_tokens > 0 and dist.is_main:
         summary.sample = corpus.prompt + sample_text(run.model, tok, corpus.prompt, cfg.sample_tokens, seed=cfg.seed)
     return summary
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import multiprocessing
 import os
@@ -117,15 +118,22 @@ def _char_at(buf: bytes, i: int, forward: bool) -> str | None:
     return None
 
 
-def find_cut(f: Any, pos: int, size: int) -> tuple[int, bool]:
+def find_cut(f: Any, pos: int, size: int, *, end_ok: bool = True, anywhere: bool = False) -> tuple[int, bool]:
     """The chunk boundary at or after byte `pos` of the open file `f`, at most `size`: (offset, exact).
 
     Exact: just after a newline between two non-whitespace characters (see the module docstring), or
     `size` itself (the end of the file or of a split). Otherwise just after any newline, or at the next
-    character boundary, when no exact cut lies within SCAN_BYTES.
+    character boundary, when no exact cut lies within SCAN_BYTES. `end_ok=False`: `size` only if
+    nothing else is left (the train/val split wants a cut near `pos`, not the end of a short file).
+    `anywhere`: every character boundary is exact (a character vocabulary has no pieces to cut).
     """
     if pos <= 0 or pos >= size:
         return min(max(pos, 0), size), True
+    if anywhere:
+        f.seek(pos)
+        head = f.read(4)
+        skip = next((i for i, b in enumerate(head) if not 0x80 <= b < 0xC0), len(head))
+        return min(pos + skip, size), True
     base = max(pos - 4, 0)  # a few bytes back: the character before a newline at pos - 1
     limit = min(pos + SCAN_BYTES, size)  # cuts considered up to here
     f.seek(base)
@@ -137,7 +145,7 @@ def find_cut(f: Any, pos: int, size: int) -> tuple[int, bool]:
         if before and after and not _is_space(before) and not _is_space(after):
             return base + nl + 1, True
         nl = buf.find(b"\n", nl + 1)
-    if limit == size:
+    if limit == size and end_ok:
         return size, True
     nl = buf.find(b"\n", first)
     if 0 <= nl and base + nl + 1 <= limit:
@@ -148,8 +156,13 @@ def find_cut(f: Any, pos: int, size: int) -> tuple[int, bool]:
     return base + cut, False
 
 
-def plan_chunks(files: list[Path], val_fraction: float, chunk_bytes: int) -> tuple[dict[str, list[Chunk]], int]:
-    """Split the corpus into train and val chunks; return them and the number of inexact cuts."""
+def plan_chunks(
+    files: list[Path], val_fraction: float, chunk_bytes: int, anywhere: bool = False
+) -> tuple[dict[str, list[Chunk]], int]:
+    """Split the corpus into train and val chunks; return them and the number of inexact cuts.
+
+    `anywhere`: cut at any character boundary (for a character vocabulary), else see `find_cut`.
+    """
     sizes = [p.stat().st_size for p in files]
     total = sum(sizes)
     if total == 0:
@@ -160,7 +173,8 @@ def plan_chunks(files: list[Path], val_fraction: float, chunk_bytes: int) -> tup
     for index, size in enumerate(sizes):
         if offset <= split_at < offset + size:
             with open(files[index], "rb") as f:
-                val_offset, exact = find_cut(f, split_at - offset, size)
+                last_file = index + 1 == len(files)
+                val_offset, exact = find_cut(f, split_at - offset, size, end_ok=not last_file, anywhere=anywhere)
             inexact += not exact
             val_file = index if val_offset < size else index + 1
             val_offset = val_offset if val_offset < size else 0
@@ -179,14 +193,14 @@ def plan_chunks(files: list[Path], val_fraction: float, chunk_bytes: int) -> tup
             for split, start, stop in segments:
                 eot = start == begin and bool(chunks[split])  # a new document after others in this split
                 while start < stop:
-                    end, exact = find_cut(f, start + chunk_bytes, stop) if start + chunk_bytes < stop else (stop, True)
+                    end, exact = find_cut(f, start + chunk_bytes, stop, anywhere=anywhere)
                     inexact += not exact
                     chunks[split].append(Chunk(str(path), start, end, eot))
                     start, eot = end, False
     if not chunks["train"] or not chunks["val"]:
         raise UserError(
-            f"the corpus ({total:,} bytes) is too small to split into train and val with val_fraction "
-            f"{val_fraction}; supply more text"
+            f"the corpus ({total:,} bytes) is too small to split into training and validation text "
+            f"(val_fraction {val_fraction}); supply more text"
         )
     return chunks, inexact
 
@@ -327,15 +341,20 @@ def build_corpus_tokenizer(
             sample.append(read_chunk(piece))
             budget -= piece.end - piece.start
         try:
-            return BPETokenizer.train("\n".join(sample), vocab_size)
+            return BPETokenizer.train("".join(sample), vocab_size)  # contiguous pieces of the train split
         except UserError as e:
             raise UserError(f"--vocab-size {vocab_size}: {e}") from None
     raise UserError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_CHOICES)}")
 
 
-def _fingerprint(files: list[Path], tokenizer: str, vocab_size: int, val_fraction: float, chunk_bytes: int) -> dict:
-    """What the token files depend on: a rerun with a different fingerprint starts over."""
+def _fingerprint(
+    files: list[Path], tokenizer: str | dict[str, Any], vocab_size: int, val_fraction: float, chunk_bytes: int
+) -> dict:
+    """What the token files depend on: a rerun with a different fingerprint starts over. `tokenizer`: a
+    name (built here) or a given tokenizer's to_dict() (recorded by its digest)."""
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    if isinstance(tokenizer, dict):
+        tokenizer = "sha256:" + hashlib.sha256(json.dumps(tokenizer, sort_keys=True).encode()).hexdigest()
     return {
         "sources": [{"path": s, "bytes": b, "mtime_ns": m} for s, b, m in stats],
         "tokenizer": tokenizer,
@@ -361,7 +380,7 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
 def prepare_corpus(
     source: str | os.PathLike[str] | list[str],
     out_dir: str | os.PathLike[str],
-    tokenizer: str = "char",
+    tokenizer: str | Tokenizer = "char",
     *,
     vocab_size: int = 512,
     val_fraction: float = 0.1,
@@ -380,11 +399,13 @@ def prepare_corpus(
         raise UserError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if chunk_bytes < 1:
         raise UserError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    if tokenizer not in TOKENIZER_CHOICES:
-        raise UserError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZER_CHOICES)}")
+    given = tokenizer if isinstance(tokenizer, Tokenizer) else None  # e.g. a checkpoint's: used as it is
+    name = tokenizer_name(given.to_dict()) if given is not None else tokenizer
+    if given is None and name not in TOKENIZER_CHOICES:
+        raise UserError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_CHOICES)}")
     workers = default_workers() if workers is None else max(1, workers)
     files = find_sources(source)
-    fingerprint = _fingerprint(files, tokenizer, vocab_size, val_fraction, chunk_bytes)
+    fingerprint = _fingerprint(files, given.to_dict() if given else name, vocab_size, val_fraction, chunk_bytes)
     out = Path(out_dir)
     existing = _read_json(out / META_FILE) if (out / META_FILE).exists() else None
     if existing is not None:
@@ -402,10 +423,11 @@ def prepare_corpus(
     except OSError as e:
         raise UserError(f"cannot create {out}: {e.strerror or e}") from None
 
-    chunks, inexact = plan_chunks(files, val_fraction, chunk_bytes)
+    chunks, inexact = plan_chunks(files, val_fraction, chunk_bytes, anywhere=name == "char")
+    workers = min(workers, len(chunks["train"]) + len(chunks["val"]))  # one chunk: no worker processes
     progress = _read_json(out / PROGRESS_FILE)
     if progress is None or progress.get("fingerprint") != fingerprint:
-        tok = build_corpus_tokenizer(tokenizer, chunks, vocab_size, workers, quiet)
+        tok = given or build_corpus_tokenizer(name, chunks, vocab_size, workers, quiet)
         progress = {"fingerprint": fingerprint, "tokenizer": tok.to_dict(), "done": {}}
         for split in SPLITS:
             with contextlib.suppress(FileNotFoundError):
@@ -468,15 +490,21 @@ def _tokenize_splits(
                     bar.update(n_bytes)
 
 
-def check_token_dir(data_dir: str | os.PathLike[str], tokenizer: Tokenizer | None = None) -> dict[str, Any]:
-    """meta.json of a prepared directory; with `tokenizer`, also check the files were made with it."""
+def tokenizer_name(tokenizer: dict[str, Any]) -> str:
+    """The --tokenizer choice that makes a tokenizer (its `to_dict()` form): char, bpe or gpt2."""
+    if tokenizer.get("kind") == "tiktoken":
+        return str(tokenizer.get("name"))
+    return str(tokenizer.get("kind"))
+
+
+def check_token_dir(data_dir: str | os.PathLike[str], expected: str) -> dict[str, Any]:
+    """meta.json of a prepared directory, after checking its tokens come from the `expected` tokenizer."""
     meta = load_meta(data_dir)
-    if tokenizer is not None and meta.get("tokenizer") != tokenizer.to_dict():
-        kind = meta.get("tokenizer", {}).get("kind", "unknown")
+    found = tokenizer_name(meta.get("tokenizer", {}))
+    if found != expected:
         raise UserError(
-            f"{data_dir} holds tokens from another tokenizer ({kind}, vocab {meta.get('vocab_size')}) than "
-            f"this run's ({tokenizer.kind}, vocab {tokenizer.vocab_size}); prepare the data with the run's "
-            "tokenizer or start a new run"
+            f"{data_dir} holds tokens from the {found} tokenizer, not {expected}: drop --tokenizer to train on them "
+            f"as they are, or prepare the text again with --tokenizer {expected} (scripts/prepare.py)"
         )
     return meta
 

@@ -197,6 +197,11 @@ def _forward_backward(
     return step_loss
 
 
+def is_eval_step(step: int, eval_interval: int, max_steps: int) -> bool:
+    """Whether `train` evaluates after `step` completed steps: every eval_interval steps, and at the end."""
+    return bool(eval_interval and step % eval_interval == 0) or step == max_steps
+
+
 def train(
     model: Module,
     optimizer: Optimizer,
@@ -220,6 +225,7 @@ def train(
     tokens_per_step: int | None = None,
     desc: str = "train",
     time_offset: float = 0.0,
+    grad_sync: Callable[[Any, bool], tuple[Any, bool]] | None = None,
 ) -> TrainResult:
     """Train `model` from step `start_step` until `max_steps` optimizer steps are done.
 
@@ -232,6 +238,9 @@ def train(
     `tokens_per_step` turns the throughput shown from steps/s into tokens/s. `time_offset` (seconds
     trained before, e.g. by the run this one resumes) is added to the logged times. SIGINT and SIGTERM
     finish the step in progress, call `on_interrupt` and return (`stop_signal` says which).
+    Data-parallel training passes `grad_sync(step_loss, stop) -> (step_loss, stop)`, run after each
+    backward: it averages the gradients and the loss over the processes and tells whether any of them
+    was signalled, so all stop at the same step (see minigpt.distributed).
     """
     if grad_accum < 1:
         raise ValueError(f"train: grad_accum must be >= 1, got {grad_accum}")
@@ -305,7 +314,10 @@ def train(
                         for group in optimizer.param_groups:
                             group["lr"] = state.lr
                     optimizer.zero_grad()
-                    running = running + _forward_backward(model, get_batch, loss_fn, grad_accum, device)
+                    step_loss = _forward_backward(model, get_batch, loss_fn, grad_accum, device)
+                    if grad_sync is not None:  # data parallel: every rank gets the same grads, loss and stop
+                        step_loss, stop_all = grad_sync(step_loss, stop.signum is not None)
+                    running = running + step_loss
                     window_steps += 1
                     grad_norm = clip_grad_norm_(params, grad_clip) if grad_clip is not None else None
                     log_now = (state.step + 1) % max(log_interval, 1) == 0 or state.step + 1 == max_steps
@@ -321,14 +333,12 @@ def train(
                         report.train_log(state, window_steps / max(now - window_start, 1e-9), tokens_per_step)
                         running, window_start, window_steps = 0.0, now, 0
 
-                    if eval_fn is not None and (
-                        (eval_interval and state.step % eval_interval == 0) or state.step == max_steps
-                    ):
+                    if eval_fn is not None and is_eval_step(state.step, eval_interval, max_steps):
                         evaluate()
                     state.elapsed = time.perf_counter() - t0
                     if on_step_end is not None:
                         on_step_end(state)
-                    if stop.signum is not None:
+                    if stop_all if grad_sync is not None else stop.signum is not None:
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
                 # A step cut short leaves partial gradients; parameters are only touched by
@@ -352,4 +362,4 @@ def train(
     )
 
 
-__all__ = ["TrainResult", "TrainState", "TrainingDiverged", "train"]
+__all__ = ["TrainResult", "TrainState", "TrainingDiverged", "is_eval_step", "train"]
