@@ -193,3 +193,56 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, setup, message):
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- train_gpt.py
+
+TRAIN_ARGS = "--max-iters 2 --eval-interval 2 --eval-iters 1 --n-layer 1 --n-head 2 --n-embd 16 --block-size 8"
+TRAIN_ARGS = [*TRAIN_ARGS.split(), "--batch-size", "2", "--quiet", "--sample-tokens", "5"]
+
+
+def train_gpt(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train_gpt.py"), *argv, *TRAIN_ARGS],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "MINIGPT_NUM_THREADS": "1"},
+    )
+
+
+def test_train_gpt_trains_on_a_prepared_directory_without_the_text(tmp_path):
+    src = write(tmp_path / "in.txt", TEXT)
+    prepare_corpus(src, tmp_path / "tokens", "char", workers=1, quiet=True)
+    src.unlink()  # the text is gone: only the token files remain
+    proc = train_gpt("--data-dir", str(tmp_path / "tokens"), "--out-dir", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    from minigpt.checkpoint import load_checkpoint
+
+    _, _, meta = load_checkpoint(tmp_path / "out" / "last.npz")
+    assert meta["tokenizer"] == load_meta(tmp_path / "tokens")["tokenizer"] and meta["step"] == 2
+    assert not (tmp_path / "out" / "data").exists()  # nothing was re-tokenized
+
+
+def test_train_gpt_data_streams_a_folder_and_reuses_its_tokens(tmp_path):
+    write(tmp_path / "corpus" / "a.txt", TEXT)
+    write(tmp_path / "corpus" / "b.txt", TEXT.upper())
+    out = tmp_path / "out"
+    assert train_gpt("--data", str(tmp_path / "corpus"), "--out-dir", str(out)).returncode == 0
+    stamp = (out / "data" / "train.bin").stat().st_mtime_ns
+    proc = train_gpt("--data", str(tmp_path / "corpus"), "--out-dir", str(out), "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "data" / "train.bin").stat().st_mtime_ns == stamp  # --resume reused the token files
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tokenizer", "bpe"], "holds tokens from the char tokenizer, not bpe"),
+        (["--data", "x.txt"], "--data and --data-dir both given"),
+    ],
+)
+def test_train_gpt_data_dir_bad_input_is_one_line(tmp_path, flags, message):
+    prepare_corpus(write(tmp_path / "in.txt", TEXT), tmp_path / "tokens", "char", workers=1, quiet=True)
+    proc = train_gpt("--data-dir", str(tmp_path / "tokens"), "--out-dir", str(tmp_path / "out"), *flags)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "out" / "last.npz").exists()
