@@ -49,6 +49,9 @@ from minigpt.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer, T
 CHUNK_BYTES = 8 << 20  # text per task: ~8 MB keeps a worker near 100 MB and the pool busy
 SCAN_BYTES = 1 << 20  # how far past the nominal end a chunk may grow to find an exact cut
 BPE_TRAIN_BYTES = 4 << 20  # our BPE learns its merges from this much of the training split's start
+CHAR_SLICE = 1 << 20  # characters looked up at a time by the character tokenizer
+PARALLEL_MIN_BYTES = 32 << 20  # below this much text, worker processes cost more than they save
+MAX_DEFAULT_WORKERS = 8  # each worker holds ~10x a chunk at its peak: 8 keep the whole under 1 GB
 PROGRESS_FILE = "prepare.progress.json"
 TOKENIZER_CHOICES = ("char", "bpe", "gpt2")
 # Unicode White_Space (what `\s` means in tiktoken's regex): a cut needs a non-member on each side.
@@ -242,30 +245,39 @@ def _init_worker(tokenizer: dict[str, Any] | None) -> None:
         _worker["lut"] = lut
 
 
-def _code_points(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+def _code_points(text: str) -> Iterator[np.ndarray]:
+    """The text's code points as uint32 arrays, a slice at a time (a whole chunk would take 4 bytes a character)."""
+    for i in range(0, len(text), CHAR_SLICE):
+        yield np.frombuffer(text[i : i + CHAR_SLICE].encode("utf-32-le"), dtype=np.uint32)
 
 
 def _alphabet(chunk: Chunk) -> tuple[np.ndarray, int]:
     """The distinct code points of a chunk (the character vocabulary's first pass), and its size."""
-    counts = np.bincount(_code_points(read_chunk(chunk)), minlength=0)
-    return np.flatnonzero(counts).astype(np.uint32), chunk.end - chunk.start
+    seen = np.zeros(_MAX_CODE_POINT + 1, dtype=bool)
+    for codes in _code_points(read_chunk(chunk)):
+        seen[codes] = True
+    return np.flatnonzero(seen).astype(np.uint32), chunk.end - chunk.start
 
 
 def _encode(chunk: Chunk) -> tuple[np.ndarray, int, int]:
     """A chunk's token ids in the output dtype, its character count and its byte count."""
     text = read_chunk(chunk)
     tok: Tokenizer = _worker["tokenizer"]
+    dtype = _worker["dtype"]
     if "lut" in _worker:
-        ids = _worker["lut"][_code_points(text)]
-        if ids.size and ids.min() < 0:
-            missing = sorted({c for c in text if c not in tok.stoi})[:10]
-            raise UserError(f"{chunk.path}: character(s) {missing} are not in the vocabulary; prepare again")
+        parts = [np.zeros(0, dtype)]
+        for codes in _code_points(text):
+            ids = _worker["lut"][codes]
+            if ids.size and ids.min() < 0:
+                missing = sorted({c for c in text if c not in tok.stoi})[:10]
+                raise UserError(f"{chunk.path}: character(s) {missing} are not in the vocabulary; prepare again")
+            parts.append(ids.astype(dtype))
+        ids = np.concatenate(parts)
     else:
         ids = tok._enc.encode_to_numpy(text, allowed_special=tok._allowed, disallowed_special=())
     if chunk.eot_first and tok.eot_token is not None:
         ids = np.concatenate([np.array([tok.eot_token], dtype=ids.dtype), ids])
-    return ids.astype(_worker["dtype"]), len(text), chunk.end - chunk.start
+    return ids.astype(dtype, copy=False), len(text), chunk.end - chunk.start
 
 
 @contextlib.contextmanager
@@ -303,7 +315,8 @@ def _pool(workers: int, tokenizer: dict[str, Any] | None) -> Iterator[Callable[.
 
 
 def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_WORKERS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,8 +416,10 @@ def prepare_corpus(
     name = tokenizer_name(given.to_dict()) if given is not None else tokenizer
     if given is None and name not in TOKENIZER_CHOICES:
         raise UserError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZER_CHOICES)}")
-    workers = default_workers() if workers is None else max(1, workers)
     files = find_sources(source)
+    if workers is None:
+        workers = default_workers() if sum(p.stat().st_size for p in files) >= PARALLEL_MIN_BYTES else 1
+    workers = max(1, workers)
     fingerprint = _fingerprint(files, given.to_dict() if given else name, vocab_size, val_fraction, chunk_bytes)
     out = Path(out_dir)
     existing = _read_json(out / META_FILE) if (out / META_FILE).exists() else None

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default="char", choices=TOKENIZER_CHOICES, help="(default: %(default)s)")
     parser.add_argument("--vocab-size", type=int, default=512, help="for --tokenizer bpe (default: %(default)s)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of the bytes for val (default: 0.1)")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="processes (default: %(default)s)")
+    parser.add_argument("--workers", type=int, help=f"processes (default: {default_workers()}; 1 below 32 MB of text)")
     parser.add_argument("--chunk-mb", type=float, default=CHUNK_BYTES / 2**20, help="text per task (default: 8)")
     parser.add_argument("--overwrite", action="store_true", help="replace token files prepared from other input")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

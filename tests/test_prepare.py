@@ -19,7 +19,6 @@ from minigpt.prepare import find_cut, plan_chunks, prepare_corpus
 from minigpt.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer, tokenizer_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
-TIKTOKEN_CACHE = ROOT.parent / "shared" / "data" / "tiktoken_cache"
 # Indented lines, blank lines, trailing spaces, non-ASCII, digits and punctuation: every way a
 # pre-tokenizer could join text across a newline.
 LINES = [
@@ -65,12 +64,23 @@ def test_small_chunks_give_the_whole_texts_bpe_tokens(tmp_path, monkeypatch, pat
     assert meta["train_chars"] + meta["val_chars"] == len(TEXT)
 
 
-def test_gpt2_in_worker_processes_matches_tiktoken(tmp_path, monkeypatch):
-    if not TIKTOKEN_CACHE.is_dir():
-        pytest.skip("shared tiktoken cache absent")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+def prepare_script(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """scripts/prepare.py in its own process (worker processes are forked from it, not from pytest)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "prepare.py"), *argv, "--quiet"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **(env or {})},
+    )
+
+
+def test_gpt2_in_worker_processes_matches_tiktoken(tmp_path, tiktoken_cache):
     src = write(tmp_path / "in.txt", TEXT)
-    meta = prepare_corpus(src, tmp_path / "out", "gpt2", chunk_bytes=2000, workers=2, quiet=True)
+    args = (str(src), "--out-dir", str(tmp_path / "out"), "--tokenizer", "gpt2", "--chunk-mb", "0.002")
+    args += ("--workers", "2")
+    proc = prepare_script(*args, env={"TIKTOKEN_CACHE_DIR": str(tiktoken_cache)})
+    assert proc.returncode == 0, proc.stderr
+    meta = load_meta(tmp_path / "out")
     train, val = tokens(tmp_path / "out")
     assert meta["dtype"] == "uint16" and meta["tokenizer"] == {"kind": "tiktoken", "name": "gpt2"}
     assert np.concatenate([train, val]).tolist() == TiktokenTokenizer("gpt2").encode(TEXT)
@@ -78,7 +88,9 @@ def test_gpt2_in_worker_processes_matches_tiktoken(tmp_path, monkeypatch):
 
 def test_char_vocabulary_comes_from_a_streaming_pass(tmp_path):
     src = write(tmp_path / "in.txt", TEXT)
-    meta = prepare_corpus(src, tmp_path / "out", "char", chunk_bytes=500, workers=2, quiet=True)
+    proc = prepare_script(str(src), "--out-dir", str(tmp_path / "out"), "--chunk-mb", "0.0005", "--workers", "2")
+    assert proc.returncode == 0, proc.stderr
+    meta = load_meta(tmp_path / "out")
     tok = tokenizer_from_dict(meta["tokenizer"])
     assert tok.to_dict() == CharTokenizer.from_text(TEXT).to_dict()
     train, val = tokens(tmp_path / "out")
