@@ -97,6 +97,8 @@ TRAIN_DOC = """Train a GPT language model (defaults: nanoGPT's CPU Shakespeare r
     minigpt train --data my.txt --max-iters 500    # any UTF-8 text
     minigpt train --config run.toml --n-layer 6    # TOML sets defaults, flags win
     minigpt train --resume                         # continue out/last.npz
+    minigpt train --data-dir data/big              # token files from scripts/prepare.py (any corpus size)
+    mpiexec -n 4 minigpt train --data-dir data/big # 4 data-parallel ranks (pip install -e ".[mpi]")
 
 Writes out_dir/ckpt.npz (best val loss), last.npz (latest), metrics.jsonl, data/ (token files) and,
 with matplotlib, loss.png. An out-dir holds one run (a new run there needs --overwrite) and is locked
@@ -108,15 +110,21 @@ Sample with `minigpt sample`. (scripts/train_gpt.py is the same command.)
 @cli_main
 def train(argv: list[str] | None = None, prog: str | None = None) -> None:
     """`minigpt train`: every RunConfig setting is a flag."""
+    from minigpt import distributed
     from minigpt.lm import RunConfig, train_lm
 
     settings = read_settings(RunConfig, settings_parser(RunConfig, prog, TRAIN_DOC), argv)
     try:
-        summary = train_lm(build(RunConfig, settings), explicit=set(settings))
+        with distributed.session() as dist:  # under mpiexec: this process is one of the ranks
+            cfg = dist.main_first(lambda: build(RunConfig, settings))  # a bad setting: one line, from rank 0
+            dist.claim_device(cfg.device)
+            summary = train_lm(cfg, explicit=set(settings))
     except config.InvalidSetting as e:
         raise UserError(f"{config.flag(e.name)} {e.problem}") from None
     except KeyboardInterrupt:  # before training started (data preparation): nothing to save
         raise Interrupted("\ninterrupted before training started; nothing was saved", signal.SIGINT) from None
+    if not dist.is_main:  # data parallel: rank 0 reports
+        return
     if summary.interrupted:  # Ctrl-C or SIGTERM: last.npz was saved; exit 130 or 143
         raise Interrupted(summary.message, summary.stop_signal or signal.SIGINT)
     if summary.val_loss is not None:

@@ -186,8 +186,11 @@ class Distributed:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         set_num_threads(max(1, cores // self.local_size))
 
-    def claim_device(self) -> None:
+    def claim_device(self, device: str) -> None:
         """On `cuda`, make this rank's GPU (its index on the node) the current one; check there are enough."""
+        from minigpt.autograd.backend import normalize_device
+
+        self.device = normalize_device(device)
         if self.device != "cuda" or self.comm is None:
             return
         cp = _cupy()
@@ -246,7 +249,7 @@ def _connect() -> Any:
 
 
 @contextlib.contextmanager
-def session(device: str = "cpu") -> Iterator[Distributed]:
+def session() -> Iterator[Distributed]:
     """Join the MPI job if there is one, for the duration of a training run.
 
     A failure on one rank must not leave the others waiting in an allreduce forever: it is printed on
@@ -254,14 +257,13 @@ def session(device: str = "cpu") -> Iterator[Distributed]:
     happens on every rank at once, so rank 0 alone reports it and all ranks exit with code 2.
     """
     global _current
-    dist = Distributed(_connect(), device)
+    dist = Distributed(_connect())
     if dist.comm is None:
         yield dist
         return
     _current = dist
     try:
         dist.share_cores()
-        dist.claim_device()
         yield dist
     except (CollectiveError, TrainingDiverged) as e:  # found on every rank at once (divergence: maybe rank 0 alone)
         if not dist.is_main:
