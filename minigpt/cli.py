@@ -3,7 +3,7 @@
     minigpt train --data input.txt --max-iters 500     # scripts/train_gpt.py
     minigpt sample --start "ROMEO:" --num-samples 2    # scripts/sample.py
     minigpt plot out                                   # out/loss.png from out/metrics.jsonl
-    minigpt bench --preset S --vs-torch                # scripts/bench_train.py (needs the repository)
+    minigpt bench --preset S --vs-torch                # scripts/bench_train.py
 
 scripts/train_gpt.py and scripts/sample.py are thin front ends to `train` and `sample` here. Every
 command reads nanoGPT's spellings too: `--max_iters=10` is `--max-iters 10`, `--bias=False` is
@@ -13,7 +13,6 @@ command reads nanoGPT's spellings too: `--max_iters=10` is `--max-iters 10`, `--
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import signal
 import sys
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 
 from minigpt import config
 from minigpt.config import setting
-from minigpt.data import REPO_ROOT, read_text_file
+from minigpt.data import read_text_file
 from minigpt.errors import Interrupted, UserError, cli_main
 
 
@@ -230,19 +229,11 @@ def plot(argv: list[str] | None = None, prog: str | None = None) -> None:
     print(f"wrote {plot_run(args.out_dir, args.output)}")
 
 
-@cli_main
 def bench(argv: list[str] | None = None, prog: str | None = None) -> None:
-    """`minigpt bench`: scripts/bench_train.py of the repository minigpt was installed from."""
-    script = REPO_ROOT / "scripts" / "bench_train.py"
-    if not script.is_file():
-        raise UserError(
-            f"minigpt bench runs {script}, which is missing; install minigpt from a clone (pip install -e .)"
-        )
-    spec = importlib.util.spec_from_file_location("bench_train", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(argv, prog=prog)
+    """`minigpt bench`: time training steps (minigpt/bench.py)."""
+    from minigpt.bench import main  # here, not at the top: minigpt.bench imports this module
+
+    main(argv, prog=prog)
 
 
 COMMANDS = {

@@ -15,11 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_train import CONFIGS, MinigptRunner, batches  # noqa: E402
+try:
+    import minigpt  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt.autograd import function  # noqa: E402
+from minigpt.bench import CONFIGS, MinigptRunner, batches  # noqa: E402
 from minigpt.optim import clip_grad_norm_  # noqa: E402
 
 
