@@ -14,14 +14,21 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-import minigpt
-from minigpt import nn, optim
-from minigpt.errors import UserError, cli_main
-from minigpt.train import train
+try:
+    import minigpt
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import minigpt
+
+from minigpt import nn, optim  # noqa: E402
+from minigpt.errors import UserError, cli_main  # noqa: E402
+from minigpt.train import train  # noqa: E402
 
 
 def make_moons(n: int = 100, noise: float = 0.1, seed: int = 1337) -> tuple[np.ndarray, np.ndarray]:
