@@ -176,8 +176,7 @@ class SampleConfig:
 @cli_main
 def sample(argv: list[str] | None = None, prog: str | None = None) -> None:
     """`minigpt sample`: stream samples from a checkpoint to stdout."""
-    from minigpt.inference import find_checkpoint
-    from minigpt.lm import load_model, sample_text
+    from minigpt.inference import find_checkpoint, load_model, sample_text
 
     args = build(SampleConfig, read_settings(SampleConfig, settings_parser(SampleConfig, prog, SAMPLE_DOC), argv))
     if args.init_from:

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from minigpt.autograd.backend import to_numpy
 from minigpt.errors import UserError
 from minigpt.train import TrainingDiverged
 
@@ -92,6 +93,16 @@ class Distributed:
                 f"the {self.world_size} ranks disagree on {what} (rank {differ[0]} differs from rank 0); "
                 "start every rank with the same command, settings and data files"
             )
+
+    def check_same_weights(self, model: Any) -> None:
+        """Raise RanksDisagree on every rank unless all ranks hold the same parameters (names and values)."""
+        if self.comm is None:
+            return
+        digest = hashlib.sha256()
+        for name, p in model.named_parameters():
+            digest.update(name.encode())
+            digest.update(to_numpy(p.data).tobytes())
+        self.check_same("the initial weights", digest.hexdigest())
 
     def main_first(self, fn: Callable[[], T], others: Callable[[], T] | None = None) -> T:
         """fn() on rank 0; then, if it succeeded, `others()` (default: fn) on the other ranks.

@@ -17,7 +17,7 @@ import numpy as np
 
 from minigpt.data import resolve_corpus
 from minigpt.errors import cli_main
-from minigpt.lm import sample_text
+from minigpt.inference import sample_text
 from minigpt.tokenizers import BPETokenizer, CharTokenizer, Tokenizer
 
 

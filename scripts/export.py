@@ -21,7 +21,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt.errors import UserError, cli_main
-from minigpt.lm import load_model
+from minigpt.inference import load_model
 from minigpt.nanogpt import write_nanogpt
 from minigpt.weights import save_hf, save_weights
 

@@ -13,8 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minigpt.corpus import build_tokenizer, model_vocab_size
 from minigpt.gpt import GPT, GPTConfig
-from minigpt.lm import RunConfig, build_tokenizer, load_model, model_vocab_size, sample_text
+from minigpt.inference import load_model, sample_text
+from minigpt.lm import RunConfig
 from minigpt.tokenizers import BPETokenizer, CharTokenizer, StreamDecoder, padded_vocab_size
 
 ROOT = Path(__file__).resolve().parents[1]

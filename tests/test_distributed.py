@@ -167,7 +167,7 @@ def run_args(data: Path, out: Path, *extra: str) -> list[str]:
 @needs_mpi
 def test_two_ranks_of_batch_b_match_one_process_of_batch_2b(tmp_path, token_dir, monkeypatch):
     """N=2 x B and N=1 x 2B over the same batches (rank r's stream = rows r*B..(r+1)*B): same losses."""
-    from minigpt import lm
+    from minigpt import lm, run_state
     from minigpt.data import BatchSampler
 
     out2 = tmp_path / "two"
@@ -195,7 +195,7 @@ def test_two_ranks_of_batch_b_match_one_process_of_batch_2b(tmp_path, token_dir,
             return TwoStreams(tokens, batch_size, block_size, seed, name)
         return BatchSampler(tokens, batch_size, block_size, seed=seed, name=name)
 
-    monkeypatch.setattr(lm, "BatchSampler", sampler)
+    monkeypatch.setattr(run_state, "BatchSampler", sampler)  # where the training stream is made
     monkeypatch.setenv("MINIGPT_NUM_THREADS", "1")
     sys.path.insert(0, str(ROOT / "scripts"))
     import train_gpt

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import minigpt.corpus as corpus
 import minigpt.lm as lm
 from minigpt.checkpoint import load_checkpoint, save_checkpoint
 from minigpt.optim import CosineSchedule
@@ -166,7 +167,7 @@ def test_resume_needs_only_the_out_dir(trained, text_file, capsys, monkeypatch):
         raise AssertionError("resume re-read or re-tokenized the text")
 
     for name in ("resolve_corpus", "prepare", "build_tokenizer"):
-        monkeypatch.setattr(lm, name, no_tokenizing)
+        monkeypatch.setattr(corpus, name, no_tokenizing)
     train_script.main(["--out-dir", str(trained), "--resume", "--max-iters", "6", "--quiet"])
     _, _, meta = load_checkpoint(trained / "last.npz")
     assert meta["step"] == 6 and meta["run_config"]["data"] == str(text_file)
@@ -247,7 +248,7 @@ def test_ctrl_c_in_sample_exits_130(trained, capsys, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("minigpt.lm.sample_text", interrupted)  # what `minigpt sample` (and sample.py) calls
+    monkeypatch.setattr("minigpt.inference.sample_text", interrupted)  # what `minigpt sample` (and sample.py) calls
     with pytest.raises(SystemExit) as exc:
         sample_script.main(["--out-dir", str(trained)])
     assert exc.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
