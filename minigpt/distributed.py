@@ -165,6 +165,13 @@ class Distributed:
             offset += size
         return buf[offset] * scale, bool(buf[offset + 1] > 0)
 
+    def grad_sync(self, params: list[Any]) -> Callable[[Any, bool], tuple[Any, bool]] | None:
+        """`train`'s hook after each backward: `average_gradients` over `params` (None for one process, whose
+        loop stops at the end of the step a signal came in, not at the next step's agreement)."""
+        if self.comm is None:
+            return None
+        return lambda step_loss, stop: self.average_gradients(params, step_loss, stop)
+
     def _allreduce_sum(self, buf: Any) -> None:
         if isinstance(buf, np.ndarray):
             from mpi4py import MPI

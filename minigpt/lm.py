@@ -297,7 +297,6 @@ def _train(cfg: RunConfig, run: Run, corpus: Corpus, out: OutDir, log: Callable[
     _log_start(cfg, run, corpus, out, log)
     checkpoints = Checkpoints(cfg, run, corpus, out)
     tokens_per_step = cfg.batch_size * cfg.model.block_size * cfg.grad_accum * dist.world_size
-    params = list(run.model.parameters())
     try:
         result = train(
             run.model,
@@ -319,7 +318,7 @@ def _train(cfg: RunConfig, run: Run, corpus: Corpus, out: OutDir, log: Callable[
             quiet=cfg.quiet or not dist.is_main,
             tokens_per_step=tokens_per_step,
             time_offset=run.elapsed,
-            grad_sync=lambda loss, stop: dist.average_gradients(params, loss, stop),  # N = 1: as they are
+            grad_sync=dist.grad_sync(list(run.model.parameters())),
         )
     except NotSaved:
         raise

@@ -248,107 +248,25 @@ def train(
         raise ValueError(f"train: need 0 <= start_step and 0 <= max_steps (got {start_step}, {max_steps})")
     state = TrainState(step=start_step, max_steps=max_steps, lr=float(optimizer.param_groups[0]["lr"]))
     report = _Reporter(state, desc, quiet, log_path, time_offset, tokens_per_step)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    device = params[0].device if params else "cpu"
-    # Reading a value on the CPU is free, so the loss and gradient norm are checked at every step,
-    # before the update; on the GPU a read waits for the device, so they are read once per log window.
-    check_every_step = device == "cpu"
-    t0 = time.perf_counter()
-    window_start, window_steps = t0, 0
-    running: Any = 0.0  # summed step losses since the last log, left on the device until read
+    loop = _Loop(
+        model, optimizer, get_batch, loss_fn, state, report,
+        lr_schedule=lr_schedule, grad_clip=grad_clip, grad_accum=grad_accum, eval_fn=eval_fn,
+        eval_interval=eval_interval, log_interval=log_interval, on_step_end=on_step_end, on_eval=on_eval,
+        on_diverge=on_diverge, tokens_per_step=tokens_per_step, desc=desc, grad_sync=grad_sync,
+    )  # fmt: skip
     interrupted = False
-
-    def diverged(what: str, value: float, when: str) -> TrainingDiverged:
-        state.elapsed = time.perf_counter() - t0
-        if what == "loss":
-            state.loss = value
-        optimizer.zero_grad()
-        if on_diverge is not None:
-            on_diverge(state)
-        return TrainingDiverged(
-            f"training diverged: the {what} is {value} {when}. Lower the learning rate "
-            f"(it was {state.lr:.3g}) or clip gradients (grad_clip), then restart from the last good checkpoint"
-        )
-
-    def check(grad_norm: Any) -> None:
-        """Read the window's mean loss and the step's gradient norm; raise if either is not finite."""
-        state.loss = float(running) / window_steps  # the one host read per window on the GPU
-        state.grad_norm = None if grad_norm is None else float(grad_norm)
-        step = state.step + 1
-        when = f"at step {step}" if check_every_step else f"in steps {step - window_steps + 1}-{step}"
-        for what, value in (("loss", state.loss), ("gradient norm", state.grad_norm)):
-            if value is not None and not math.isfinite(value):
-                raise diverged(what, value, when)
-
-    def evaluate() -> None:
-        was_training = model.training
-        model.eval()
-        try:
-            with no_grad():
-                metrics = eval_fn() if eval_fn is not None else {}
-        finally:
-            model.train(was_training)
-        state.metrics = {k: float(v) for k, v in metrics.items()}
-        state.elapsed = time.perf_counter() - t0
-        report.record({"step": state.step, "time": round(state.elapsed, 4), "metrics": state.metrics})
-        report.message(f"{desc} step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in state.metrics.items()))
-        for name, value in state.metrics.items():  # never hand a broken state to on_eval (a checkpoint)
-            if not math.isfinite(value):
-                raise diverged(f"evaluation's {name}", value, f"at step {state.step}")
-        if on_eval is not None:
-            on_eval(state)
-
-    def interrupt_notice(signum: int) -> None:
-        name = signal.Signals(signum).name
-        report.message(f"{name}: finishing the current step, then saving ({name} again to abandon the step)")
-
     model.train()
     try:
         # Non-finite values are caught by `check` (and named there), so NumPy's warnings would only
         # repeat them as extra lines: silenced while training.
-        with _StopSignals(interrupt_notice) as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        with _StopSignals(loop.interrupt_notice) as stop, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             try:
                 while state.step < max_steps:
-                    if lr_schedule is not None:
-                        state.lr = float(lr_schedule(state.step))
-                        for group in optimizer.param_groups:
-                            group["lr"] = state.lr
-                    optimizer.zero_grad()
-                    step_loss = _forward_backward(model, get_batch, loss_fn, grad_accum, device)
-                    if grad_sync is not None:  # data parallel: every rank gets the same grads, loss and stop
-                        step_loss, stop_all = grad_sync(step_loss, stop.signum is not None)
-                    running = running + step_loss
-                    window_steps += 1
-                    grad_norm = clip_grad_norm_(params, grad_clip) if grad_clip is not None else None
-                    log_now = (state.step + 1) % max(log_interval, 1) == 0 or state.step + 1 == max_steps
-                    if check_every_step or log_now:
-                        check(grad_norm)  # before the update: on the CPU the weights stay good
-                    optimizer.step()
-                    state.step += 1
-                    report.advance()
-
-                    if log_now:
-                        now = time.perf_counter()
-                        state.elapsed = now - t0
-                        report.train_log(state, window_steps / max(now - window_start, 1e-9), tokens_per_step)
-                        running, window_start, window_steps = 0.0, now, 0
-
-                    if eval_fn is not None and is_eval_step(state.step, eval_interval, max_steps):
-                        evaluate()
-                    state.elapsed = time.perf_counter() - t0
-                    if on_step_end is not None:
-                        on_step_end(state)
-                    if stop_all if grad_sync is not None else stop.signum is not None:
+                    if loop.step(stop):
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
-                # A step cut short leaves partial gradients; parameters are only touched by
-                # optimizer.step(), which the signal flag lets finish.
                 interrupted = True
-                optimizer.zero_grad()
-                state.elapsed = time.perf_counter() - t0
-                report.message(f"{desc}: interrupted after step {state.step}")
-                if on_interrupt is not None:
-                    on_interrupt(state)
+                loop.interrupted(on_interrupt)
     finally:
         report.close()
     return TrainResult(
@@ -357,9 +275,134 @@ def train(
         interrupted=interrupted,
         stop_signal=(stop.signum or signal.SIGINT) if interrupted else None,
         metrics=state.metrics,
-        elapsed=time.perf_counter() - t0,
+        elapsed=time.perf_counter() - loop.t0,
         history=report.history,
     )
+
+
+@dataclass
+class _Loop:
+    """The steps of one `train` call (its arguments are documented there) and the state between them."""
+
+    model: Module
+    optimizer: Optimizer
+    get_batch: Callable[[], Any]
+    loss_fn: Callable[[Module, Any], Tensor]
+    state: TrainState
+    report: _Reporter
+    lr_schedule: Callable[[int], float] | None
+    grad_clip: float | None
+    grad_accum: int
+    eval_fn: Callable[[], dict[str, float]] | None
+    eval_interval: int
+    log_interval: int
+    on_step_end: Callback | None
+    on_eval: Callback | None
+    on_diverge: Callback | None
+    tokens_per_step: int | None
+    desc: str
+    grad_sync: Callable[[Any, bool], tuple[Any, bool]] | None
+
+    def __post_init__(self) -> None:
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.device = self.params[0].device if self.params else "cpu"
+        # Reading a value on the CPU is free, so the loss and gradient norm are checked at every step,
+        # before the update; on the GPU a read waits for the device, so they are read once per log window.
+        self.check_every_step = self.device == "cpu"
+        self.t0 = time.perf_counter()
+        self.window_start, self.window_steps = self.t0, 0
+        self.running: Any = 0.0  # summed step losses since the last log, left on the device until read
+
+    def step(self, stop: _StopSignals) -> bool:
+        """One optimizer step, then its log line, evaluation and callbacks. True: stop now (signalled)."""
+        state, optimizer = self.state, self.optimizer
+        if self.lr_schedule is not None:
+            state.lr = float(self.lr_schedule(state.step))
+            for group in optimizer.param_groups:
+                group["lr"] = state.lr
+        optimizer.zero_grad()
+        step_loss = _forward_backward(self.model, self.get_batch, self.loss_fn, self.grad_accum, self.device)
+        if self.grad_sync is not None:  # data parallel: every rank gets the same grads, loss and stop
+            step_loss, stop_all = self.grad_sync(step_loss, stop.signum is not None)
+        self.running = self.running + step_loss
+        self.window_steps += 1
+        grad_norm = clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip is not None else None
+        log_now = (state.step + 1) % max(self.log_interval, 1) == 0 or state.step + 1 == state.max_steps
+        if self.check_every_step or log_now:
+            self.check(grad_norm)  # before the update: on the CPU the weights stay good
+        optimizer.step()
+        state.step += 1
+        self.report.advance()
+
+        if log_now:
+            now = time.perf_counter()
+            state.elapsed = now - self.t0
+            self.report.train_log(state, self.window_steps / max(now - self.window_start, 1e-9), self.tokens_per_step)
+            self.running, self.window_start, self.window_steps = 0.0, now, 0
+
+        if self.eval_fn is not None and is_eval_step(state.step, self.eval_interval, state.max_steps):
+            self.evaluate()
+        state.elapsed = time.perf_counter() - self.t0
+        if self.on_step_end is not None:
+            self.on_step_end(state)
+        return stop_all if self.grad_sync is not None else stop.signum is not None
+
+    def check(self, grad_norm: Any) -> None:
+        """Read the window's mean loss and the step's gradient norm; raise if either is not finite."""
+        state = self.state
+        state.loss = float(self.running) / self.window_steps  # the one host read per window on the GPU
+        state.grad_norm = None if grad_norm is None else float(grad_norm)
+        step = state.step + 1
+        when = f"at step {step}" if self.check_every_step else f"in steps {step - self.window_steps + 1}-{step}"
+        for what, value in (("loss", state.loss), ("gradient norm", state.grad_norm)):
+            if value is not None and not math.isfinite(value):
+                raise self.diverged(what, value, when)
+
+    def evaluate(self) -> None:
+        state, model = self.state, self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with no_grad():
+                metrics = self.eval_fn() if self.eval_fn is not None else {}
+        finally:
+            model.train(was_training)
+        state.metrics = {k: float(v) for k, v in metrics.items()}
+        state.elapsed = time.perf_counter() - self.t0
+        self.report.record({"step": state.step, "time": round(state.elapsed, 4), "metrics": state.metrics})
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in state.metrics.items())
+        self.report.message(f"{self.desc} step {state.step}: {scores}")
+        for name, value in state.metrics.items():  # never hand a broken state to on_eval (a checkpoint)
+            if not math.isfinite(value):
+                raise self.diverged(f"evaluation's {name}", value, f"at step {state.step}")
+        if self.on_eval is not None:
+            self.on_eval(state)
+
+    def diverged(self, what: str, value: float, when: str) -> TrainingDiverged:
+        state = self.state
+        state.elapsed = time.perf_counter() - self.t0
+        if what == "loss":
+            state.loss = value
+        self.optimizer.zero_grad()
+        if self.on_diverge is not None:
+            self.on_diverge(state)
+        return TrainingDiverged(
+            f"training diverged: the {what} is {value} {when}. Lower the learning rate "
+            f"(it was {state.lr:.3g}) or clip gradients (grad_clip), then restart from the last good checkpoint"
+        )
+
+    def interrupt_notice(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        self.report.message(f"{name}: finishing the current step, then saving ({name} again to abandon the step)")
+
+    def interrupted(self, on_interrupt: Callback | None) -> None:
+        # A step cut short leaves partial gradients; parameters are only touched by
+        # optimizer.step(), which the signal flag lets finish.
+        self.optimizer.zero_grad()
+        self.state.elapsed = time.perf_counter() - self.t0
+        self.report.message(f"{self.desc}: interrupted after step {self.state.step}")
+        if on_interrupt is not None:
+            on_interrupt(self.state)
 
 
 __all__ = ["TrainResult", "TrainState", "TrainingDiverged", "is_eval_step", "train"]
