@@ -71,7 +71,10 @@ def plot_run(out_dir: str | Path, path: str | Path | None = None) -> Path:
     if not steps and not evals:
         raise UserError(f"{out_dir / METRICS_FILE} holds no records yet; plot again after the first logged step")
 
-    fig = Figure(figsize=(9, 5.2), dpi=110, layout="constrained")
+    fig = Figure(figsize=(9, 5.2), dpi=110)
+    # fixed margins (room for the title, the top and right axes): a layout engine would draw the
+    # figure twice, and this is redrawn at every evaluation of a training run
+    fig.subplots_adjust(left=0.08, right=0.89, bottom=0.1, top=0.83)
     ax = fig.add_subplot()
     if steps:
         ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], color="tab:blue", alpha=0.35, lw=1,

@@ -131,8 +131,9 @@ def test_freed_activations_are_reused_without_page_faults():
     if not backend.keep_freed_memory():
         pytest.skip("not glibc, or MINIGPT_KEEP_MEMORY=0")
 
-    def step() -> None:  # 96 MB of activations alive at once (more than glibc's 64 MB top pad), then freed
+    def step() -> None:  # 176 MB alive at once (more than glibc's 64 MB top pad), then freed
         buffers = [np.ones((3072, 2048), dtype=np.float32) for _ in range(4)]  # 24 MB each
+        buffers.append(np.ones((10240, 2048), dtype=np.float32))  # 80 MB: above glibc's largest mmap threshold
         del buffers
 
     step()  # warm up: the heap grows once

@@ -155,10 +155,12 @@ def keep_freed_memory() -> bool:
 
     A training step frees and reallocates the same large activation buffers every step. By default
     glibc unmaps big blocks on free, so each step page-faults all its activations in again (a
-    quarter of a GPT step's non-GEMM time here). Like PyTorch's caching allocator, we keep them:
-    blocks up to 32 MB come from the heap, and the heap is not trimmed. Returns whether it applied
-    (glibc only; MINIGPT_KEEP_MEMORY=0 opts out). Not applied on import: the first backward pass
-    applies it (Tensor.backward), as it is training that reuses the buffers.
+    quarter of a GPT step's non-GEMM time here; on a VM whose freed pages go back to the host, a
+    first touch costs up to 10x more). Like PyTorch's caching allocator, we keep them: every block
+    comes from the heap (no mmap, however large: GPT-2's logits are 400 MB), and the heap is not
+    trimmed. Returns whether it applied (glibc only; MINIGPT_KEEP_MEMORY=0 opts out). Not applied
+    on import: the first backward pass applies it (Tensor.backward), as it is training that reuses
+    the buffers.
     """
     import ctypes
     import os
@@ -170,9 +172,9 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # malloc.h
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # malloc.h
     return bool(
-        libc.mallopt(m_mmap_threshold, 32 << 20)  # the largest glibc allows on 64-bit
+        libc.mallopt(m_mmap_max, 0)  # no block is mmapped (glibc still falls back to mmap if the heap cannot grow)
         and libc.mallopt(m_trim_threshold, 2**31 - 1)  # mallopt takes a C int: 1 << 62 would wrap to 0
         and libc.mallopt(m_top_pad, 64 << 20)
     )
