@@ -129,6 +129,29 @@ def test_reductions_match_numpy():
     np.testing.assert_allclose(x.mean().data, x.data.mean())
 
 
+def test_var_with_no_degrees_of_freedom_is_nan_as_torch():
+    one = minigpt.tensor(np.array([3.0], dtype=np.float32), requires_grad=True)
+    with np.errstate(invalid="ignore"):  # 0 * inf, as torch's "degrees of freedom is <= 0"
+        v = one.var()
+        v.backward()
+        pair = minigpt.tensor(np.array([[1.0, 2.0], [5.0, 5.0]], dtype=np.float32))
+        over = pair.var(dim=1, correction=2).data
+    assert np.isnan(v.item()) and np.isnan(one.grad).all()
+    assert np.isinf(over[0]) and np.isnan(over[1])  # torch: sum / max(0, n - correction)
+    assert one.var(unbiased=False).item() == 0.0  # the population variance of one element is 0
+
+
+@pytest.mark.filterwarnings("ignore:var\\(\\)")  # torch warns of no degrees of freedom for the cases with none
+@pytest.mark.parametrize("shape,dim,correction", [((1,), None, 1), ((2,), None, 2), ((3, 4), 1, 5), ((3, 4), 0, 1)])
+def test_var_matches_torch(shape, dim, correction):
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ours = minigpt.tensor(x).var(dim=dim, correction=correction).data
+    theirs = torch.from_numpy(x).var(dim=dim, correction=correction).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, equal_nan=True)
+
+
 def test_reductions_on_0d():
     x = rand()
     assert gradcheck(lambda t: t.sum() * 3, [x])

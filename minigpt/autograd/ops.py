@@ -451,12 +451,17 @@ def var(
     correction: int = 1,
     unbiased: bool | None = None,
 ) -> Tensor:
-    """Variance as torch.var: Bessel's correction (divide by n - 1) unless correction=0/unbiased=False."""
+    """Variance as torch.var: Bessel's correction (divide by n - 1) unless correction=0/unbiased=False.
+
+    As torch, the divisor is max(0, n - correction): with none left (one element, unbiased) the result is nan
+    (inf where the squares do not sum to 0), not 0.
+    """
     if unbiased is not None:
         correction = 1 if unbiased else 0
     axes = _axes(dim, a.ndim)
     centered = a - mean(a, dim=axes, keepdim=True)
-    return sum(centered * centered, dim=axes, keepdim=keepdim) * (1.0 / builtins.max(_count(a, axes) - correction, 1))
+    dof = _count(a, axes) - correction
+    return sum(centered * centered, dim=axes, keepdim=keepdim) * (1.0 / dof if dof > 0 else float("inf"))
 
 
 def reshape(a: Tensor, *shape: Any) -> Tensor:
