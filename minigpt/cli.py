@@ -22,7 +22,7 @@ from typing import Any
 from minigpt import config
 from minigpt.config import setting
 from minigpt.data import read_text_file
-from minigpt.errors import Interrupted, UserError, cli_main
+from minigpt.errors import Interrupted, UserError, cli_main, signal_of
 
 
 class Parser(config.ArgumentParser):
@@ -120,8 +120,12 @@ def train(argv: list[str] | None = None, prog: str | None = None) -> None:
             summary = train_lm(cfg, explicit=set(settings))
     except config.InvalidSetting as e:
         raise UserError(f"{config.flag(e.name)} {e.problem}") from None
-    except KeyboardInterrupt:  # before training started (data preparation): nothing to save
-        raise Interrupted("\ninterrupted before training started; nothing was saved", signal.SIGINT) from None
+    except KeyboardInterrupt as e:  # before training started (data preparation): nothing to save
+        signum = signal_of(e)
+        lead = "\n" if signum == signal.SIGINT else ""  # after the terminal's ^C
+        raise Interrupted(
+            f"{lead}interrupted by {signal.Signals(signum).name} before training started; nothing was saved", signum
+        ) from None
     if not dist.is_main:  # data parallel: rank 0 reports
         return
     if summary.interrupted:  # Ctrl-C or SIGTERM: last.npz was saved; exit 130 or 143

@@ -8,7 +8,8 @@ import functools
 import os
 import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -22,6 +23,38 @@ class Interrupted(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+class SignalInterrupt(KeyboardInterrupt):
+    """SIGTERM (what schedulers and containers send) raised like Ctrl-C's KeyboardInterrupt, so `with` and
+    `finally` blocks clean up (temporary files are removed) before the command exits 128 + `signum`."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def signal_of(e: KeyboardInterrupt) -> int:
+    """The signal behind an interrupt: SIGINT for Ctrl-C's KeyboardInterrupt."""
+    return getattr(e, "signum", signal.SIGINT)
+
+
+def raise_signal_interrupt(signum: int, frame: Any) -> None:
+    """The SIGTERM handler while a command runs (see `cli_main`); the training loop takes over from it."""
+    raise SignalInterrupt(signum)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While active, SIGTERM raises SignalInterrupt: in the main thread, and only over its default action."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, raise_signal_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # What to do about the usual faults of a file system, by errno.
@@ -51,20 +84,23 @@ def os_error_message(e: OSError) -> str:
 
 def cli_main(main: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a script's main(): bad input and machine faults become `error: <one line>` on stderr and
-    exit 2; Ctrl-C exits 130 (SIGTERM, via Interrupted, 143) so `train && next-step` stops."""
+    exit 2; Ctrl-C exits 130 and SIGTERM 143 (after cleaning up, see `sigterm_raises`), so
+    `train && next-step` stops."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return main(*args, **kwargs)
+            with sigterm_raises():
+                return main(*args, **kwargs)
         except UserError as e:
             fail(str(e))
         except Interrupted as e:
             print(str(e), file=sys.stderr)
             sys.exit(128 + e.signum)
-        except KeyboardInterrupt:
-            print("\ninterrupted", file=sys.stderr)
-            sys.exit(128 + signal.SIGINT)
+        except KeyboardInterrupt as e:
+            signum = signal_of(e)
+            print("\ninterrupted" if signum == signal.SIGINT else f"interrupted by {e}", file=sys.stderr)
+            sys.exit(128 + signum)
         except BrokenPipeError:  # `... | head`: the reader has gone, which is not an error
             with contextlib.suppress(OSError):
                 sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the exit's flush stays quiet

@@ -24,7 +24,7 @@ from minigpt.checkpoint import save_checkpoint
 from minigpt.config import InvalidSetting, check_fields, setting, to_flat
 from minigpt.corpus import Corpus, model_vocab_size, prepare_data, read_prepared
 from minigpt.data import BatchSampler
-from minigpt.errors import UserError
+from minigpt.errors import Interrupted, UserError, signal_of
 from minigpt.gpt import GPTConfig
 from minigpt.inference import load_model, sample_text
 from minigpt.optim import CosineSchedule
@@ -383,7 +383,12 @@ def _summary(
         )
     elif cfg.sample_tokens > 0 and distributed.current().is_main:
         prompt = corpus.prompt
-        summary.sample = prompt + sample_text(run.model, corpus.tokenizer, prompt, cfg.sample_tokens, seed=cfg.seed)
+        try:
+            summary.sample = prompt + sample_text(run.model, corpus.tokenizer, prompt, cfg.sample_tokens, seed=cfg.seed)
+        except KeyboardInterrupt as e:  # the run is complete and saved: only its sample is cut short
+            name = signal.Signals(signal_of(e)).name
+            done = f"the run finished (step {result.step}), saved in {out.path}"
+            raise Interrupted(f"interrupted by {name} during the final sample; {done}", signal_of(e)) from None
     return summary
 
 

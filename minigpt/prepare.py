@@ -32,6 +32,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -245,6 +246,12 @@ def _init_worker(tokenizer: dict[str, Any] | None) -> None:
         _worker["lut"] = lut
 
 
+def _init_pool_worker(tokenizer: dict[str, Any] | None) -> None:
+    # A forked worker inherits the command's SIGTERM handler (errors.sigterm_raises); it should just end.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(tokenizer)
+
+
 def _code_points(text: str) -> Iterator[np.ndarray]:
     """The text's code points as uint32 arrays, a slice at a time (a whole chunk would take 4 bytes a character)."""
     for i in range(0, len(text), CHAR_SLICE):
@@ -292,7 +299,7 @@ def _pool(workers: int, tokenizer: dict[str, Any] | None) -> Iterator[Callable[.
     # copy of the parent's idle thread pools does no harm. Elsewhere (macOS, Windows): spawn.
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(tokenizer,))
+    executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_pool_worker, initargs=(tokenizer,))
 
     def ordered_map(fn: Callable[[Chunk], Any], tasks: list[Chunk]) -> Iterator[Any]:
         pending: list[Future[Any]] = []

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from minigpt.autograd.backend import is_array, to_device
 from minigpt.autograd.function import no_grad
 from minigpt.autograd.tensor import Tensor
-from minigpt.errors import UserError
+from minigpt.errors import UserError, raise_signal_interrupt
 from minigpt.nn import Module
 from minigpt.optim import Optimizer, clip_grad_norm_
 
@@ -142,7 +142,8 @@ class _Reporter:
 class _StopSignals:
     """While active, the first SIGINT (Ctrl-C) or SIGTERM (what schedulers and containers send) only
     sets a flag, so the step in progress finishes; a second one raises KeyboardInterrupt. Installed
-    only in the main thread, and for each signal only if it has its default handler."""
+    only in the main thread, and for each signal only if it has its default handler (or the command's,
+    `raise_signal_interrupt`)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -161,7 +162,7 @@ class _StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 previous = signal.getsignal(signum)
-                if previous in (signal.default_int_handler, signal.SIG_DFL):
+                if previous in (signal.default_int_handler, signal.SIG_DFL, raise_signal_interrupt):
                     self.installed[signum] = previous
                     signal.signal(signum, self._handler)
         return self

@@ -19,7 +19,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minigpt.errors import cli_main
+from minigpt.errors import cli_main, signal_of
 from minigpt.prepare import CHUNK_BYTES, TOKENIZER_CHOICES, default_workers, prepare_corpus
 
 
@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> None:
             overwrite=args.overwrite,
             quiet=args.quiet,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"\ninterrupted: finished chunks are kept in {args.out_dir}; rerun the same command to continue")
-        sys.exit(130)
+        sys.exit(128 + signal_of(e))
     print(
         f"{args.out_dir}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens ({meta['dtype']}), "
         f"vocab {meta['vocab_size']:,}, from {meta['source_bytes'] / 2**20:,.1f} MB of text"

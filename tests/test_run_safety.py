@@ -244,6 +244,44 @@ def test_a_signal_saves_last_npz_and_exits_128_plus_it(tmp_path, text_file, sign
     assert meta["step"] >= 1
 
 
+def test_sigterm_while_preparing_the_data_exits_143_and_leaves_no_temporary_file(tmp_path, text_file):
+    out = tmp_path / "out"
+    sigterm_mid_write = (  # SIGTERM while a file of the data preparation is written (before its fsync)
+        "import os, signal, sys\n"
+        "fsync = os.fsync\n"
+        "def fsync_after_sigterm(fd):\n"
+        "    if os.readlink(f'/proc/self/fd/{fd}').endswith('.tmp'):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    fsync(fd)\n"
+        "os.fsync = fsync_after_sigterm\n"
+        f"sys.argv = ['train_gpt.py'] + {args(out, text_file)!r}\n"
+        f"sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
+        "import train_gpt; train_gpt.main()\n"
+    )
+    env = {**os.environ, "MINIGPT_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", sigterm_mid_write], env=env, capture_output=True, text=True)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip() == "interrupted by SIGTERM before training started; nothing was saved"
+    assert not list(out.rglob("*.tmp")) and not (out / "data" / "meta.json").exists()
+    train_script.main(args(out, text_file))  # the same command again prepares the data and trains
+    assert (out / "last.npz").exists()
+
+
+def test_ctrl_c_in_the_final_sample_says_the_run_is_saved(tmp_path, text_file, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("minigpt.lm.sample_text", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        train_script.main(args(tmp_path / "out", text_file, "--sample-tokens", "5"))
+    err = capsys.readouterr().err.strip()
+    assert (
+        exc.value.code == 130
+        and err
+        == f"interrupted by SIGINT during the final sample; the run finished (step 4), saved in {tmp_path / 'out'}"
+    )
+
+
 def test_ctrl_c_in_sample_exits_130(trained, capsys, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
