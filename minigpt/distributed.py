@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from minigpt.autograd.backend import to_numpy
-from minigpt.errors import UserError
+from minigpt.errors import UserError, signal_of
 from minigpt.train import TrainingDiverged
 
 T = TypeVar("T")
@@ -296,9 +296,9 @@ def session() -> Iterator[Distributed]:
         if isinstance(e, UserError):
             print(f"error: rank {dist.rank} of {dist.world_size}: {e}", file=sys.stderr, flush=True)
             code = 2
-        elif isinstance(e, KeyboardInterrupt):
+        elif isinstance(e, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (errors.sigterm_raises)
             print(f"rank {dist.rank}: interrupted; ending all ranks", file=sys.stderr, flush=True)
-            code = 130
+            code = 128 + signal_of(e)
         else:
             traceback.print_exc()
             code = 1
