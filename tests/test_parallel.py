@@ -98,6 +98,26 @@ def test_fused_ops_gradcheck_when_split(split_everything):
     assert gradcheck(lambda z: F.cross_entropy(z, targets), [_rand(9, 7)])
     q, k, v = _rand(2, 2, 6, 3), _rand(2, 2, 6, 3), _rand(2, 2, 6, 3)
     assert gradcheck(F.scaled_dot_product_attention, [q, k, v])
+    q, k, v = _rand(1, 3, 4, 3), _rand(1, 3, 6, 3), _rand(1, 3, 6, 3)  # one sequence: split by head
+    assert gradcheck(F.scaled_dot_product_attention, [q, k, v])
+
+
+@needs_threads
+@pytest.mark.parametrize("shape, tk", [((3, 2, 5, 4), 5), ((1, 3, 4, 4), 9), ((5, 1, 1, 4), 7)])
+def test_attention_shared_out_by_sequence_or_head_equals_the_array_code(split_everything, shape, tk):
+    from minigpt.autograd import fused, kernels_cpu
+
+    q = rng.standard_normal(shape).astype(np.float32)
+    k, v = (rng.standard_normal((*shape[:2], tk, shape[3])).astype(np.float32) for _ in range(2))
+    g = rng.standard_normal(shape).astype(np.float32)
+    results = []
+    for op in (kernels_cpu.ScaledDotProductAttention(), fused.ScaledDotProductAttention()):
+        op.needs_input_grad = [True, True, True]
+        results.append((op.forward(q, k, v, True, 0.0, None), *op.backward(g)))
+        if type(op) is kernels_cpu.ScaledDotProductAttention:
+            assert len(op.parts) == 2  # two threads, two blocks
+    for kernel, array in zip(*results):
+        np.testing.assert_allclose(kernel, array, rtol=1e-5, atol=1e-6)
 
 
 @needs_threads

@@ -13,7 +13,7 @@ import numpy as np
 
 from minigpt.autograd.backend import get_array_module, index_add_rows, random_uniform
 from minigpt.autograd.function import Function
-from minigpt.autograd.parallel import map_row_blocks, matmul
+from minigpt.autograd.parallel import map_row_blocks, matmul, matmuls
 from minigpt.autograd.tensor import Tensor, _raw
 
 
@@ -36,8 +36,8 @@ class Linear(Function):
     def backward(self, g):
         g2 = g.reshape(-1, g.shape[-1])
         need = self.needs_input_grad
-        gx = matmul(g2, self.w).reshape(self.x_shape) if need[0] else None
-        gw = matmul(g2.T, self.x2) if need[1] else None
+        gx, gw = matmuls((g2, self.w) if need[0] else None, (g2.T, self.x2) if need[1] else None)
+        gx = None if gx is None else gx.reshape(self.x_shape)
         if len(need) == 2:
             return gx, gw
         return gx, gw, (g2.sum(axis=0) if need[2] else None)
@@ -398,16 +398,21 @@ class ScaledDotProductAttention(Function):
 
     def forward(self, q, k, v, is_causal, dropout_p, rng):
         xp = get_array_module(q)
+        # (B, nh, Tq, hs) as a view of a (B, Tq, nh, hs) buffer: the caller's transpose(1, 2) back
+        # to (B, T, C) then costs no copy
+        if q.ndim == 4:
+            out = xp.empty((q.shape[0], q.shape[2], q.shape[1], v.shape[-1]), dtype=q.dtype).transpose(0, 2, 1, 3)
+        else:
+            out = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
+        self.attend_(q, k, v, out, is_causal, dropout_p, rng)
+        return out
+
+    def attend_(self, q, k, v, out, is_causal, dropout_p, rng):
+        """Write the attention of q over k, v into out; save what attend_backward_ needs."""
         self.k, self.v = k, v
         tq, tk = q.shape[-2], k.shape[-2]
         self.scale = scale = 1.0 / math.sqrt(q.shape[-1])
         self.q = q = q * scale  # saved scaled, as the backward's d/dk needs it
-        # (B, nh, Tq, hs) as a view of a (B, Tq, nh, hs) buffer: the caller's transpose(1, 2) back
-        # to (B, T, C) then costs no copy
-        if q.ndim == 4:
-            out = xp.empty((q.shape[0], tq, q.shape[1], v.shape[-1]), dtype=q.dtype).transpose(0, 2, 1, 3)
-        else:
-            out = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
         self.chunks = []
         for start, end, keys in _query_chunks(tq, tk, is_causal, self.chunk_rows):
             att = matmul(q[..., start:end, :], k[..., :keys, :].swapaxes(-1, -2))  # (B, nh, rows, keys)
@@ -418,15 +423,17 @@ class ScaledDotProductAttention(Function):
                 mask *= 1.0 / (1.0 - dropout_p)
             matmul(att if mask is None else att * mask, v[..., :keys, :], out=out[..., start:end, :])
             self.chunks.append((start, end, keys, att, mask))
-        return out
 
     def backward(self, g):
         xp = get_array_module(g)
-        q, k, v, scale = self.q, self.k, self.v, self.scale
         need = self.needs_input_grad
-        gq = xp.empty_like(q) if need[0] else None
-        gk = xp.empty_like(k) if need[1] else None
-        gv = xp.empty_like(v) if need[2] else None
+        grads = [xp.empty_like(a) if n else None for a, n in zip((self.q, self.k, self.v), need)]
+        self.attend_backward_(g, *grads)
+        return tuple(grads)
+
+    def attend_backward_(self, g, gq, gk, gv):
+        """Write the gradients of q, k and v (those not None) for the output's gradient g."""
+        q, k, v, scale = self.q, self.k, self.v, self.scale
         # The last chunk sees every key: it writes gk and gv whole, and earlier chunks add to their prefixes.
         for i, (start, end, keys, att, mask) in enumerate(reversed(self.chunks)):
             g_rows = g[..., start:end, :]
@@ -448,7 +455,6 @@ class ScaledDotProductAttention(Function):
                 gk[..., :keys, :] += matmul(gatt.swapaxes(-1, -2), q[..., start:end, :])
         if gq is not None:
             gq *= scale
-        return gq, gk, gv
 
     def causal_softmax_(self, att, is_causal):
         """Softmax over the last dim of (..., rows, keys) scores in place, the rows being the last of the

@@ -27,8 +27,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from minigpt.autograd import dispatch, fused
-from minigpt.autograd.parallel import map_row_blocks
+from minigpt.autograd import dispatch, fused, parallel
+from minigpt.autograd.parallel import map_row_blocks, run_parallel
 
 # error_model="numpy": no zero-division branch in each loop (it would stop vectorization);
 # reassoc lets LLVM vectorize sums; no nnan/ninf, so NaN and inf behave as in NumPy.
@@ -288,6 +288,19 @@ def softmax_backward_rows(g, y):
             g[i, j] = y[i, j] * (g[i, j] - s)
 
 
+def _attention_blocks(q: np.ndarray, k: np.ndarray) -> list[tuple[slice, ...]] | None:
+    """Index tuples that share (B, nh, T, hs) attention out among the threads, by sequence or by head;
+    None where one thread does it all (one thread, or too little work for a hand-off)."""
+    threads = parallel.get_num_threads()
+    if threads == 1 or q.ndim != 4 or 4 * q.size * k.shape[-2] < parallel.MIN_SPLIT_FLOPS:  # 2 GEMMs' FLOPs
+        return None
+    dim = 0 if q.shape[0] >= threads else 1
+    if q.shape[dim] < 2:
+        return None
+    lead = (slice(None),) * dim
+    return [(*lead, slice(s, e)) for s, e in parallel.splits(q.shape[dim], min(threads, q.shape[dim]))]
+
+
 # ----------------------------------------------------------------------------- embedding, optimizer
 
 
@@ -394,6 +407,39 @@ class CrossEntropy(fused.CrossEntropy):
 
 @dispatch.register(fused.ScaledDotProductAttention, "cpu")
 class ScaledDotProductAttention(fused.ScaledDotProductAttention):
+    """The batch (or, for fewer sequences than threads, the heads) is shared out among the threads,
+    each block's attention run whole on one thread: one hand-off per pass instead of one per GEMM
+    and per softmax, and a block's scores stay in its core's cache. Dropout runs as one block (its
+    random draws keep the array code's order)."""
+
+    parts = None  # [(index of a block, the op that attends over it)]
+
+    def forward(self, q, k, v, is_causal, dropout_p, rng):
+        blocks = _attention_blocks(q, k) if dropout_p == 0 else None
+        if blocks is None:
+            return super().forward(q, k, v, is_causal, dropout_p, rng)
+        out = np.empty((q.shape[0], q.shape[2], q.shape[1], v.shape[-1]), dtype=q.dtype).transpose(0, 2, 1, 3)
+        self.parts = [(b, ScaledDotProductAttention()) for b in blocks]
+        with parallel.blas_at_one():
+            run_parallel(
+                [lambda b=b, a=a: a.attend_(q[b], k[b], v[b], out[b], is_causal, 0.0, None) for b, a in self.parts]
+            )
+        self.like = q, k, v
+        return out
+
+    def backward(self, g):
+        if self.parts is None:
+            return super().backward(g)
+        grads = [np.empty_like(a) if n else None for a, n in zip(self.like, self.needs_input_grad)]
+        with parallel.blas_at_one():
+            run_parallel(
+                [
+                    lambda b=b, a=a: a.attend_backward_(g[b], *(x if x is None else x[b] for x in grads))
+                    for b, a in self.parts
+                ]
+            )
+        return tuple(grads)
+
     def causal_softmax_(self, att, is_causal):
         att = np.ascontiguousarray(att)  # a no-op for a GEMM's output
         map_row_blocks(causal_softmax_rows, att.reshape(-1, *att.shape[-2:]), is_causal=is_causal)

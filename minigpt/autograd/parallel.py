@@ -70,6 +70,19 @@ def _release_blas() -> None:
                 lib.set_num_threads(n)
 
 
+@contextlib.contextmanager
+def blas_at_one() -> Iterator[None]:
+    """Within: BLAS at one thread, for tasks that call GEMMs side by side on minigpt's threads."""
+    if not _blas_libraries():
+        yield
+        return
+    _hold_blas_at_one()
+    try:
+        yield
+    finally:
+        _release_blas()
+
+
 def blas_num_threads() -> int | None:
     """The thread count of NumPy's BLAS now (None where it cannot be read)."""
     libs = _blas_libraries()
@@ -212,7 +225,7 @@ def run_parallel(tasks: list[Any]) -> list[Any]:
     return results
 
 
-def _splits(n: int, parts: int) -> list[tuple[int, int]]:
+def splits(n: int, parts: int) -> list[tuple[int, int]]:
     bounds = [n * i // parts for i in range(parts + 1)]
     return [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i] < bounds[i + 1]]
 
@@ -239,6 +252,27 @@ def matmul(a: Any, b: Any, out: Any = None) -> Any:
         _release_blas()
 
 
+def matmuls(*products: tuple[Any, Any] | None) -> list[Any]:
+    """[a @ b for each (a, b)] (None for None) for independent GEMMs of about equal work.
+
+    With as many threads as products (Linear's two gradients on two threads), each runs whole on
+    a thread of its own: one hand-off instead of one per product, and whole GEMMs run faster than
+    slices. Otherwise they run in turn, each split by matmul.
+    """
+    pairs = [p for p in products if p is not None]
+    a, b = pairs[0] if pairs else (None, None)
+    whole = (
+        len(pairs) == get_num_threads() > 1
+        and isinstance(a, np.ndarray)
+        and min(2.0 * x.size * y.shape[-1] for x, y in pairs) >= MIN_SPLIT_FLOPS
+    )
+    if not whole:
+        return [None if p is None else matmul(*p) for p in products]
+    with blas_at_one():
+        results = iter(run_parallel([lambda p=p: np.matmul(*p) for p in pairs]))
+    return [None if p is None else next(results) for p in products]
+
+
 def _split_matmul(a: Any, b: Any, out: Any) -> Any:
     parts = _num_threads
     if parts == 1 or a.ndim < 2 or b.ndim < 2:
@@ -250,14 +284,14 @@ def _split_matmul(a: Any, b: Any, out: Any) -> Any:
         shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), rows, cols)
         out = np.empty(shape, dtype=np.result_type(a, b))
     if a.ndim > 2 and b.ndim == a.ndim and a.shape[0] == b.shape[0] and a.shape[0] >= parts:
-        spans = _splits(a.shape[0], a.shape[0])  # one task per batch entry
+        spans = splits(a.shape[0], a.shape[0])  # one task per batch entry
         tasks = [lambda s=s, e=e: np.matmul(a[s:e], b[s:e], out=out[s:e]) for s, e in spans]
     else:
         # two slices per thread where they stay MIN_SLICE_ROWS thick, else one (MIN_SLICE_FLOOR rows at least)
         slices = 2 * parts if rows >= 2 * parts * MIN_SLICE_ROWS else min(parts, rows // MIN_SLICE_FLOOR)
         if slices < 2:
             return np.matmul(a, b, out=out)
-        spans = _splits(rows, slices)  # row slices of a (and out)
+        spans = splits(rows, slices)  # row slices of a (and out)
         tasks = [lambda s=s, e=e: np.matmul(a[..., s:e, :], b, out=out[..., s:e, :]) for s, e in spans]
     run_parallel(tasks)
     return out
