@@ -90,6 +90,7 @@ class RunConfig:
     overwrite: bool = setting(False, "start a new run in an --out-dir that holds one, deleting its checkpoints")
     sample_tokens: int = setting(200, "length of the sample printed at the end (0: none)", **NON_NEGATIVE)
     quiet: bool = setting(False, "no progress output")
+    plot: bool = setting(True, "redraw out_dir/loss.png at each evaluation when matplotlib is installed")
 
     def __post_init__(self) -> None:
         check_fields(self)  # types and ranges, as declared; raises InvalidSetting (a ValueError)
@@ -311,7 +312,7 @@ def _train(cfg: RunConfig, run: Run, corpus: Corpus, out: OutDir, log: Callable[
             eval_fn=make_evaluator(cfg, run, corpus) if dist.is_main else None,  # rank 0 alone evaluates, logs
             eval_interval=cfg.eval_interval,
             log_interval=cfg.log_interval,
-            on_eval=_on_eval(checkpoints, out, log, first_run=not run.step),
+            on_eval=_on_eval(checkpoints, out, log, first_run=not run.step, plot=cfg.plot),
             on_step_end=checkpoints.on_step_end,
             on_interrupt=checkpoints.on_interrupt,
             log_path=out.metrics if dist.is_main else None,
@@ -346,8 +347,12 @@ def _log_start(cfg: RunConfig, run: Run, corpus: Corpus, out: OutDir, log: Calla
         )
 
 
-def _on_eval(checkpoints: Checkpoints, out: OutDir, log: Callable[[str], None], first_run: bool) -> Callback:
-    """After an evaluation: the checkpoints, then out/loss.png redrawn (rank 0, with matplotlib)."""
+def _on_eval(
+    checkpoints: Checkpoints, out: OutDir, log: Callable[[str], None], first_run: bool, plot: bool
+) -> Callback:
+    """After an evaluation: the checkpoints, then out/loss.png redrawn (rank 0, with matplotlib, unless --no-plot)."""
+    if not plot:
+        return checkpoints.on_eval
     if not (have_matplotlib() and distributed.current().is_main):
         if first_run:
             log(f"note: {out.path / PLOT_FILE} (a loss plot) is drawn at each evaluation with {INSTALL_HINT}")

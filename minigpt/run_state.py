@@ -34,7 +34,7 @@ MODEL_SETTINGS = tuple(flat_fields(GPTConfig))
 FIXED_ON_RESUME = ("data", "data_dir", "tokenizer", "vocab_size", *MODEL_SETTINGS)
 # ... these are this invocation's own, never taken from the checkpoint; every other setting is the
 # checkpoint's unless the user sets it again (e.g. a larger --max-iters).
-NOT_RESUMED = ("out_dir", "resume", "overwrite", "quiet", "device", "init_from")
+NOT_RESUMED = ("out_dir", "resume", "overwrite", "quiet", "plot", "device", "init_from")
 
 
 def estimate_train_bytes(model: GPTConfig, batch_size: int) -> int:

@@ -8,12 +8,18 @@
   MINIGPT_HIDE_SHARED=1 hides the folder, so the suite runs as on a user's fresh clone.
 - The GPU rule: a test marked `gpu` runs only when CuPy sees a GPU, and otherwise skips with the cause.
 - `device` / `xp`: run a test once on the CPU (NumPy) and once on the GPU (CuPy, marked `gpu`).
+- `run_main`: a command line's main(argv) run in this process, as its script would run it (exit code,
+  stdout, stderr), so tests of what a command does pay no interpreter, Numba or torch start-up. Tests of
+  the process itself (signals, kill -9, `python -m minigpt`, MPI) still start one.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +141,33 @@ def device(request: pytest.FixtureRequest) -> str:
 def xp(device: str) -> Any:
     """The array module of `device`: numpy, or cupy."""
     return np if device == "cpu" else backend.cupy_module()
+
+
+# ----------------------------------------------------------------------------- command lines in-process
+
+
+@pytest.fixture
+def run_main(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., subprocess.CompletedProcess]:
+    """`run_main(main, *argv, cwd=None)`: call a script's main(argv) as `python script argv` would run it,
+    offline, in `cwd`; returns a CompletedProcess (returncode 0, or the SystemExit code; stdout; stderr)."""
+
+    def run(main: Callable[[list[str]], Any], *argv: Any, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        args = [str(a) for a in argv]
+        capsys.readouterr()
+        with monkeypatch.context() as m:
+            m.setenv("MINIGPT_OFFLINE", "1")
+            if cwd is not None:
+                m.chdir(cwd)
+            try:
+                main(args)
+                code = 0
+            except SystemExit as e:  # what the interpreter would turn into the exit status
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run

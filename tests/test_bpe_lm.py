@@ -31,7 +31,7 @@ SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "1
 
 
 def train_args(out_dir, data, *extra):
-    return ["--data", str(data), "--out-dir", str(out_dir), "--eval-iters", "2", "--quiet", *extra]
+    return ["--data", str(data), "--out-dir", str(out_dir), "--eval-iters", "2", "--quiet", "--no-plot", *extra]
 
 
 def evals(out_dir):

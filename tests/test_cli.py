@@ -47,7 +47,7 @@ def test_nanogpt_spellings(tmp_path, text_file, capsys):
     out = tmp_path / "out"
     cli.train([f"--data={text_file}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
                "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=8", "--batch_size=2", "--bias=True",
-               "--quiet=True", "--sample_tokens=0"])  # fmt: skip
+               "--quiet=True", "--sample_tokens=0", "--plot=false"])  # fmt: skip
     _, _, meta = load_model(out / "last.npz")
     assert meta["model_config"]["n_layer"] == 1 and meta["model_config"]["bias"] is True
     assert meta["run_config"]["max_iters"] == 2 and meta["run_config"]["quiet"] is True
@@ -57,7 +57,7 @@ def test_nanogpt_spellings(tmp_path, text_file, capsys):
 
 def test_sample_takes_last_npz_when_there_is_no_best(tmp_path, text_file, capsys):
     cli.train(["--data", str(text_file), "--out-dir", str(tmp_path / "run"), "--max-iters", "2", "--eval-iters", "1",
-               *TINY, "--quiet", "--sample-tokens", "0"])  # fmt: skip
+               *TINY, "--quiet", "--no-plot", "--sample-tokens", "0"])  # fmt: skip
     only_last = tmp_path / "only_last"
     only_last.mkdir()
     shutil.copy(tmp_path / "run" / "last.npz", only_last / "last.npz")

@@ -161,7 +161,7 @@ def losses(out_dir: Path) -> list[float]:
 
 def run_args(data: Path, out: Path, *extra: str) -> list[str]:
     return [TRAIN, "--data-dir", str(data), "--out-dir", str(out), "--log-interval", "1", "--sample-tokens", "0",
-            "--quiet", *TINY, *extra]  # fmt: skip
+            "--quiet", "--no-plot", *TINY, *extra]  # fmt: skip
 
 
 @needs_mpi

@@ -34,7 +34,8 @@ def pretrained(tmp_path_factory):
     (tmp / "input.txt").write_text(TEXT)
     cfg = RunConfig(
         data=str(tmp / "input.txt"), out_dir=str(tmp / "out"), max_iters=60, eval_interval=60, eval_iters=4,
-        batch_size=8, learning_rate=3e-3, warmup_iters=5, quiet=True, sample_tokens=0, model=GPTConfig(**SMALL),
+        batch_size=8, learning_rate=3e-3, warmup_iters=5, quiet=True, plot=False, sample_tokens=0,
+        model=GPTConfig(**SMALL),
     )  # fmt: skip
     summary = train_lm(cfg, log=lambda s: None)
     return tmp, summary.val_loss

@@ -19,7 +19,8 @@ def out_dir(tmp_path_factory, corpus):
     (tmp / "input.txt").write_text(corpus[:20_000])
     cfg = RunConfig(
         data=str(tmp / "input.txt"), out_dir=str(tmp / "out"), max_iters=4, eval_interval=2, eval_iters=1,
-        batch_size=2, model=GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16), quiet=True, sample_tokens=0,
+        batch_size=2, model=GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16), quiet=True, plot=False,
+        sample_tokens=0,
     )  # fmt: skip
     train_lm(cfg, log=lambda s: None)
     return tmp / "out"

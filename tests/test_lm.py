@@ -51,7 +51,7 @@ def test_training_lowers_the_loss(tmp_path, text_file):
     cfg = RunConfig(
         data=str(text_file), out_dir=str(tmp_path), max_iters=200, eval_interval=100, eval_iters=4,
         model=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32), batch_size=8, learning_rate=3e-3,
-        warmup_iters=5, quiet=True, sample_tokens=0,
+        warmup_iters=5, quiet=True, plot=False, sample_tokens=0,
     )  # fmt: skip
     summary = train_lm(cfg, log=lambda s: None)
     assert summary.step == 200 and summary.val_loss < 2.7  # uniform over ~60 characters is ~4.1, unigrams ~3.3
@@ -64,7 +64,7 @@ def test_a_shakespeare_run_samples_shakespeare(tmp_path, shakespeare):
     cfg = RunConfig(
         data=str(data), out_dir=str(tmp_path / "out"), max_iters=60, eval_interval=60, eval_iters=2,
         model=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32), batch_size=8, learning_rate=3e-3,
-        warmup_iters=5, quiet=True, sample_tokens=0,
+        warmup_iters=5, quiet=True, plot=False, sample_tokens=0,
     )  # fmt: skip
     assert train_lm(cfg, log=lambda s: None).val_loss < 3.3  # uniform over 61 characters is 4.1
     model, tokenizer, _ = load_model(tmp_path / "out" / "ckpt.npz")
@@ -81,7 +81,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, text_file, monk
     common = dict(
         data=str(text_file), max_iters=10, eval_interval=4, eval_iters=2, log_interval=1, lr_decay_iters=10,
         model=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.2), batch_size=4, quiet=True,
-        sample_tokens=0,
+        plot=False, sample_tokens=0,
     )  # fmt: skip
     train_lm(RunConfig(out_dir=str(tmp_path / "full"), **common), log=lambda s: None)
 
@@ -113,7 +113,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, text_file, monk
 def test_checkpoint_loads_for_sampling(tmp_path, text_file):
     cfg = RunConfig(
         data=str(text_file), out_dir=str(tmp_path), max_iters=4, eval_interval=2, eval_iters=1,
-        model=GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8), batch_size=2, quiet=True, sample_tokens=0,
+        model=GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8), batch_size=2, quiet=True, plot=False,
+        sample_tokens=0,
     )  # fmt: skip
     train_lm(cfg, log=lambda s: None)
     model, tokenizer, meta = load_model(tmp_path / "ckpt.npz")
@@ -135,7 +136,7 @@ def expect_exit_2(capsys, main, *argv):
 
 def train_args(tmp_path, data, *extra):
     return ("--data", str(data), "--out-dir", str(tmp_path / "out"), "--max-iters", "2", "--eval-interval", "1",
-            "--eval-iters", "1", *SMALL, "--quiet", "--sample-tokens", "0", *map(str, extra))  # fmt: skip
+            "--eval-iters", "1", *SMALL, "--quiet", "--no-plot", "--sample-tokens", "0", *map(str, extra))  # fmt: skip
 
 
 def test_bad_data_files(tmp_path, capsys):
@@ -200,7 +201,7 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path, text_file, capsys):
     toml.write_text("n_layer = 1\nn_embd = 24\nn_head = 4\nlearning_rate = 1\n")
     train_script.main(
         ["--config", str(toml), "--data", str(text_file), "--out-dir", str(tmp_path / "out"), "--max-iters", "2",
-         "--eval-iters", "1", "--block-size", "8", "--quiet", "--n-embd", "16", "--learning-rate", "0.01"]
+         "--eval-iters", "1", "--block-size", "8", "--quiet", "--no-plot", "--n-embd", "16", "--learning-rate", "0.01"]
     )  # fmt: skip
     _, _, meta = load_model(tmp_path / "out" / "last.npz")
     assert meta["model_config"]["n_layer"] == 1 and meta["model_config"]["n_embd"] == 16

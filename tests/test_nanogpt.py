@@ -228,8 +228,8 @@ def test_a_minigpt_run_exports_to_nanogpt_with_its_adamw_state(tmp_path):
     (tmp_path / "input.txt").write_text("".join(f"{i}: To be, or not to be.\n" for i in range(300)))
     cfg = RunConfig(
         data=str(tmp_path / "input.txt"), out_dir=str(tmp_path / "out"), max_iters=4, eval_interval=4, eval_iters=1,
-        batch_size=4, quiet=True, sample_tokens=0, model=GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16,
-        gelu="none", bias=True, pos_encoding="sinusoidal"),
+        batch_size=4, quiet=True, plot=False, sample_tokens=0, model=GPTConfig(n_layer=1, n_head=2, n_embd=16,
+        block_size=16, gelu="none", bias=True, pos_encoding="sinusoidal"),
     )  # fmt: skip
     train_lm(cfg, log=lambda s: None)
     r = run_convert("out/last.npz", "nano", cwd=tmp_path)

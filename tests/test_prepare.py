@@ -210,7 +210,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, setup, message):
 # ---------------------------------------------------------------------------------------------- train_gpt.py
 
 TRAIN_ARGS = "--max-iters 2 --eval-interval 2 --eval-iters 1 --n-layer 1 --n-head 2 --n-embd 16 --block-size 8"
-TRAIN_ARGS = [*TRAIN_ARGS.split(), "--batch-size", "2", "--quiet", "--sample-tokens", "5"]
+TRAIN_ARGS = [*TRAIN_ARGS.split(), "--batch-size", "2", "--quiet", "--no-plot", "--sample-tokens", "5"]
 
 
 def train_gpt(*argv: str) -> subprocess.CompletedProcess:

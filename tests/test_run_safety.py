@@ -30,8 +30,8 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8"
 
 def args(out, data, *extra, iters=4):
     return ["--data", str(data), "--out-dir", str(out), "--max-iters", str(iters), "--eval-interval", "2",
-            "--eval-iters", "1", "--log-interval", "1", "--warmup-iters", "1", *TINY, "--quiet", "--sample-tokens", "0",
-            *map(str, extra)]  # fmt: skip
+            "--eval-iters", "1", "--log-interval", "1", "--warmup-iters", "1", *TINY, "--quiet", "--no-plot",
+            "--sample-tokens", "0", *map(str, extra)]  # fmt: skip
 
 
 def exit_2(capsys, main, argv):
@@ -168,14 +168,14 @@ def test_resume_needs_only_the_out_dir(trained, text_file, capsys, monkeypatch):
 
     for name in ("resolve_corpus", "prepare", "build_tokenizer"):
         monkeypatch.setattr(corpus, name, no_tokenizing)
-    train_script.main(["--out-dir", str(trained), "--resume", "--max-iters", "6", "--quiet"])
+    train_script.main(["--out-dir", str(trained), "--resume", "--max-iters", "6", "--quiet", "--no-plot"])
     _, _, meta = load_checkpoint(trained / "last.npz")
     assert meta["step"] == 6 and meta["run_config"]["data"] == str(text_file)
     assert meta["run_config"]["n_embd"] == 16 and meta["run_config"]["eval_interval"] == 2
 
 
 def test_resumed_lr_follows_the_fixed_schedule_and_times_continue(trained, capsys):
-    train_script.main(["--out-dir", str(trained), "--resume", "--max-iters", "10", "--quiet"])
+    train_script.main(["--out-dir", str(trained), "--resume", "--max-iters", "10", "--quiet", "--no-plot"])
     logged = {r["step"]: r for r in records(trained) if "loss" in r}
     assert sorted(logged) == list(range(1, 11))  # no step twice, none missing
     _, _, meta = load_checkpoint(trained / "last.npz")
@@ -214,7 +214,7 @@ def test_resume_after_kill_9_during_a_checkpoint_write_is_bit_exact(tmp_path, te
     assert list(split.glob(".*.tmp")), "the killed write left no temporary file"
     _, _, meta = load_checkpoint(split / "last.npz")
     assert meta["step"] == 2
-    resumed = run_cli("train_gpt.py", "--out-dir", split, "--resume", "--quiet")
+    resumed = run_cli("train_gpt.py", "--out-dir", split, "--resume", "--quiet", "--no-plot")
     assert resumed.wait() == 0, resumed.stderr.read()
     assert not list(split.glob(".*.tmp"))  # removed at the start
     a, _, _ = load_checkpoint(full / "last.npz")
@@ -399,7 +399,7 @@ def test_malformed_metadata_is_one_line(trained, capsys, key, value, words):
     else:
         meta[key] = value
     save_checkpoint(trained / "last.npz", model=state, optimizer=optim, meta=meta)
-    err = exit_2(capsys, train_script.main, ["--out-dir", str(trained), "--resume", "--quiet"])
+    err = exit_2(capsys, train_script.main, ["--out-dir", str(trained), "--resume", "--quiet", "--no-plot"])
     assert "malformed metadata" in err and words in err, err
 
 
