@@ -59,6 +59,7 @@ def mpi_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in MPI_VARS}
     env["PYTHONPATH"] = str(ROOT)
     env["MINIGPT_NUM_THREADS"] = "1"  # two ranks on a small machine: one thread each
+    env["MINIGPT_NO_CPU_KERNELS"] = "1"  # the array code spares each rank Numba's start-up (kernels: elsewhere)
     return env
 
 
@@ -197,6 +198,7 @@ def test_two_ranks_of_batch_b_match_one_process_of_batch_2b(tmp_path, token_dir,
 
     monkeypatch.setattr(run_state, "BatchSampler", sampler)  # where the training stream is made
     monkeypatch.setenv("MINIGPT_NUM_THREADS", "1")
+    monkeypatch.setenv("MINIGPT_NO_CPU_KERNELS", "1")  # the same code as the ranks (mpi_env)
     sys.path.insert(0, str(ROOT / "scripts"))
     import train_gpt
 
@@ -208,7 +210,9 @@ def test_two_ranks_of_batch_b_match_one_process_of_batch_2b(tmp_path, token_dir,
 
 
 @needs_mpi
-def test_resume_on_the_same_ranks_continues_exactly_and_another_count_is_explained(tmp_path, token_dir):
+def test_resume_on_the_same_ranks_continues_exactly_and_another_count_is_explained(
+    tmp_path, token_dir, run_main, monkeypatch
+):
     args = ["--batch-size", "2", "--eval-interval", "3"]
     straight = mpirun(2, run_args(token_dir, tmp_path / "straight", *args, "--max-iters", "8"))
     assert straight.returncode == 0, straight.stderr
@@ -217,11 +221,14 @@ def test_resume_on_the_same_ranks_continues_exactly_and_another_count_is_explain
     again = mpirun(2, run_args(token_dir, tmp_path / "resumed", *args, "--max-iters", "8", "--resume"))
     assert again.returncode == 0, again.stderr
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # each rank's stream restored
-    # On 1 process: it continues, and says what changes.
-    single = subprocess.run(
-        [sys.executable, *run_args(token_dir, tmp_path / "resumed", *args, "--max-iters", "9", "--resume")],
-        capture_output=True, text=True, env=mpi_env(), timeout=300,
-    )  # fmt: skip
+    # On 1 process (this one, as a plain `python train_gpt.py` would run): it continues, and says what changes.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train_gpt
+
+    monkeypatch.setenv("MINIGPT_NUM_THREADS", "1")
+    monkeypatch.setenv("MINIGPT_NO_CPU_KERNELS", "1")
+    resume = run_args(token_dir, tmp_path / "resumed", *args, "--max-iters", "9", "--resume")
+    single = run_main(train_gpt.main, *resume[1:])
     assert single.returncode == 0, single.stderr
     assert "written by a 2-rank run and resumes on 1 rank(s)" in single.stdout
 

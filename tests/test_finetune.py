@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,12 +17,23 @@ TEXT = "".join(f"Line {i}: The quick brown fox jumps over the lazy dog.\n" for i
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
 
 
-def run_script(script, *args, cwd):
-    env = {**os.environ, "MINIGPT_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
-        cwd=cwd, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+sys.path.insert(0, str(ROOT / "scripts"))
+import export as export_script  # noqa: E402
+import sample as sample_script  # noqa: E402
+import train_gpt as train_script  # noqa: E402
+
+MAINS = {"export.py": export_script.main, "sample.py": sample_script.main, "train_gpt.py": train_script.main}
+
+
+@pytest.fixture
+def run_script(run_main):
+    """scripts/<script> run in this process, in `cwd`; training runs skip the loss plot."""
+
+    def run(script, *args, cwd):
+        plot = ["--no-plot"] if script == "train_gpt.py" else []
+        return run_main(MAINS[script], *args, *plot, cwd=cwd)
+
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +50,7 @@ def pretrained(tmp_path_factory):
     return tmp, summary.val_loss
 
 
-def test_init_from_an_hf_export_fine_tunes_from_its_weights(pretrained, tmp_path):
+def test_init_from_an_hf_export_fine_tunes_from_its_weights(pretrained, tmp_path, run_script):
     src, trained_val = pretrained
     r = run_script("export.py", src / "out" / "ckpt.npz", tmp_path / "hf", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -62,7 +71,7 @@ def test_init_from_an_hf_export_fine_tunes_from_its_weights(pretrained, tmp_path
     assert r.returncode == 0 and r.stdout.startswith("Line"), r.stderr
 
 
-def test_init_from_crops_block_size_and_refuses_other_shapes(pretrained, tmp_path):
+def test_init_from_crops_block_size_and_refuses_other_shapes(pretrained, tmp_path, run_script):
     src, _ = pretrained
     common = ["--data", src / "input.txt", "--max-iters", "2", "--eval-iters", "1", "--sample-tokens", "0"]
     r = run_script("train_gpt.py", "--init-from", src / "out" / "ckpt.npz", "--block-size", "16", *common,
@@ -82,7 +91,7 @@ def test_init_from_crops_block_size_and_refuses_other_shapes(pretrained, tmp_pat
     assert r.returncode == 2 and "no such folder" in r.stderr, r.stderr
 
 
-def test_weights_only_export_is_smaller_loads_and_stores_the_tied_weight_once(pretrained, tmp_path):
+def test_weights_only_export_is_smaller_loads_and_stores_the_tied_weight_once(pretrained, tmp_path, run_script):
     src, _ = pretrained
     r = run_script("export.py", src / "out" / "ckpt.npz", tmp_path / "w.npz", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

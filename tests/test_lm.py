@@ -29,10 +29,10 @@ def run_script(script, *args, cwd):
     )
 
 
-def test_cli_smoke_train_then_sample(tmp_path, text_file):
-    train = run_script(
-        "train_gpt.py", "--data", str(text_file), "--max-iters", "30", "--eval-interval", "15", "--eval-iters", "2",
-        *SMALL, "--sample-tokens", "20", cwd=tmp_path,
+def test_cli_smoke_train_then_sample(tmp_path, text_file, run_main):
+    train = run_main(
+        train_script.main, "--data", str(text_file), "--max-iters", "30", "--eval-interval", "15", "--eval-iters", "2",
+        *SMALL, "--sample-tokens", "20", "--no-plot", cwd=tmp_path,
     )  # fmt: skip
     assert train.returncode == 0, train.stderr
     assert "val loss" in train.stdout and "--- sample ---" in train.stdout
@@ -42,7 +42,7 @@ def test_cli_smoke_train_then_sample(tmp_path, text_file):
     evals = [r["metrics"] for r in records if "metrics" in r]
     assert len(evals) == 2 and evals[1]["val_loss"] < evals[0]["val_loss"]
     assert {r["step"] for r in records if "loss" in r} >= {10, 20, 30}
-    sample = run_script("sample.py", "--start", "Th", "--max-new-tokens", "25", "--num-samples", "2", cwd=tmp_path)
+    sample = run_main(sample_script.main, "--start", "Th", "--max-new-tokens", "25", "--num-samples", "2", cwd=tmp_path)
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout.count("Th") >= 2 and sample.stdout.count("---------------") == 2
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,10 @@ from minigpt.errors import UserError
 from minigpt.nanogpt import read_meta_pkl
 
 ROOT = Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import convert_nanogpt as convert_script  # noqa: E402
+import sample as sample_script  # noqa: E402
 
 
 class Evil:
@@ -34,12 +37,9 @@ def test_meta_pkl_is_read_without_running_code(tmp_path):
         read_meta_pkl(tmp_path / "bpe.pkl")
 
 
-def test_without_torch_one_line_says_so(tmp_path):
-    code = (
-        "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['convert_nanogpt.py', 'ckpt.pt', 'x.npz'];"
-        "runpy.run_path('scripts/convert_nanogpt.py', run_name='__main__')"
-    )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+def test_without_torch_one_line_says_so(tmp_path, run_main, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails as if not installed
+    r = run_main(convert_script.main, "ckpt.pt", "x.npz", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "pip install torch" in r.stderr, r.stderr
 
 
@@ -150,20 +150,14 @@ def nanogpt_run(tmp_path, bias=True, compiled=False):
     return model, meta
 
 
-def run_script(script, *args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
-        cwd=cwd, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-
-
-def run_convert(*args, cwd):
-    return run_script("convert_nanogpt.py", *args, cwd=cwd)
+@pytest.fixture
+def run_convert(run_main):
+    """scripts/convert_nanogpt.py, run in this process (torch is imported once, not per conversion)."""
+    return lambda *args, cwd: run_main(convert_script.main, *args, cwd=cwd)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_converted_model_generates_nanogpts_greedy_tokens(tmp_path, compiled):
+def test_converted_model_generates_nanogpts_greedy_tokens(tmp_path, compiled, run_main, run_convert):
     from minigpt.lm import load_model, sample_text
 
     nano, meta = nanogpt_run(tmp_path, compiled=compiled)
@@ -177,13 +171,13 @@ def test_converted_model_generates_nanogpts_greedy_tokens(tmp_path, compiled):
     expected = "".join(meta["itos"][int(i)] for i in nano.generate(ids, 40, top_k=1)[0, len(prompt) :])
     assert sample_text(model, tokenizer, prompt, 40, temperature=0) == expected
     # sample.py reads the .pt itself too (meta.pkl beside it or in data/<dataset>/, as nanoGPT's sample.py)
-    r = run_script("sample.py", "--init-from", "out/ckpt.pt", "--start", prompt, "--max-new-tokens", "40",
-                   "--temperature", "0", cwd=tmp_path)  # fmt: skip
+    r = run_main(sample_script.main, "--init-from", "out/ckpt.pt", "--start", prompt, "--max-new-tokens", "40",
+                 "--temperature", "0", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0 and r.stdout.startswith(prompt + expected), r.stderr
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_round_trip_to_nanogpt_is_bit_identical(tmp_path, bias):
+def test_round_trip_to_nanogpt_is_bit_identical(tmp_path, bias, run_convert):
     nano, meta = nanogpt_run(tmp_path, bias=bias)
     assert run_convert("out/ckpt.pt", "mini.npz", cwd=tmp_path).returncode == 0
     r = run_convert("mini.npz", "back", cwd=tmp_path)
@@ -203,7 +197,7 @@ def test_round_trip_to_nanogpt_is_bit_identical(tmp_path, bias):
     reloaded.load_state_dict(back["model"])  # strict, as nanoGPT's sample.py
 
 
-def test_bad_nanogpt_inputs_are_one_line_errors(tmp_path):
+def test_bad_nanogpt_inputs_are_one_line_errors(tmp_path, run_convert):
     nanogpt_run(tmp_path)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save({"model": {}}, tmp_path / "other.pt")
@@ -220,7 +214,7 @@ def test_bad_nanogpt_inputs_are_one_line_errors(tmp_path):
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
 
 
-def test_a_minigpt_run_exports_to_nanogpt_with_its_adamw_state(tmp_path):
+def test_a_minigpt_run_exports_to_nanogpt_with_its_adamw_state(tmp_path, run_convert):
     from minigpt import GPTConfig
     from minigpt.checkpoint import load_checkpoint
     from minigpt.lm import RunConfig, train_lm
