@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -189,23 +188,22 @@ def test_load_errors(tmp_path: Path) -> None:
         load_meta(tmp_path)
 
 
-def test_prepare_script(tmp_path: Path) -> None:
+def test_prepare_script(tmp_path: Path, run_main: Any) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT, encoding="utf-8")
     out = tmp_path / "out"
-    script = REPO_ROOT / "data" / "shakespeare_char" / "prepare.py"
-    run = subprocess.run(
-        [sys.executable, str(script), "--data", str(corpus), "--out-dir", str(out)],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
-    )  # fmt: skip
+    spec = importlib.util.spec_from_file_location(
+        "shakespeare_char_prepare", REPO_ROOT / "data" / "shakespeare_char" / "prepare.py"
+    )
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run = run_main(script.main, "--data", corpus, "--out-dir", out, cwd=REPO_ROOT)
     assert run.returncode == 0, run.stderr
     assert "vocab size" in run.stdout
     assert load_meta(out)["train_chars"] + load_meta(out)["val_chars"] == len(TEXT)
 
-    bad = subprocess.run(
-        [sys.executable, str(script), "--data", str(tmp_path / "missing.txt"), "--out-dir", str(out)],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
-    )  # fmt: skip
+    bad = run_main(script.main, "--data", tmp_path / "missing.txt", "--out-dir", out, cwd=REPO_ROOT)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
 
 

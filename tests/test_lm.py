@@ -1,8 +1,6 @@
 """Language-model runs end to end: train_gpt.py and sample.py, exact resume, and every bad input."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,17 +14,11 @@ from minigpt.lm import RunConfig, load_model, train_lm
 ROOT = Path(__file__).resolve().parents[1]
 
 sys.path.insert(0, str(ROOT / "scripts"))
+import bench_train as bench_script  # noqa: E402
 import sample as sample_script  # noqa: E402
 import train_gpt as train_script  # noqa: E402
 
 SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4"]
-
-
-def run_script(script, *args, cwd):
-    env = {**os.environ, "MINIGPT_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / script), *args], cwd=cwd, env=env, capture_output=True, text=True
-    )
 
 
 def test_cli_smoke_train_then_sample(tmp_path, text_file, run_main):
@@ -238,13 +230,19 @@ def test_sample_errors(tmp_path, text_file, capsys):
 
 
 @pytest.mark.parametrize("vs_torch", [False, True])
-def test_bench_train_smoke(tmp_path, vs_torch):
+def test_bench_train_smoke(tmp_path, vs_torch, run_main, monkeypatch):
     if vs_torch:
         pytest.importorskip("torch")
+    # The command in this process (each engine is still timed in a process of its own); a smoke test
+    # needs the GEMM-peak line, not a precise peak, and not the kernels (the children inherit the switch).
+    bench_module = sys.modules[bench_script.main.__module__]
+    gemm_peak = bench_module.gemm_peak_gflops
+    monkeypatch.setattr(bench_module, "gemm_peak_gflops", lambda n, reps=10, device="cpu": gemm_peak(256, 2, device))
+    monkeypatch.setenv("MINIGPT_NO_CPU_KERNELS", "1")
     tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "2"]
     args = [*tiny, "--vocab-size", "11", "--steps", "2", "--warmup", "1", "--rounds", "1"]
     args += ["--sample", "--sample-tokens", "12"]
-    bench = run_script("bench_train.py", *args, *(["--vs-torch"] if vs_torch else []), cwd=tmp_path)
+    bench = run_main(bench_script.main, *args, *(["--vs-torch"] if vs_torch else []), cwd=tmp_path)
     assert bench.returncode == 0, bench.stderr
     assert "minigpt  step" in bench.stdout and "cache speed-up" in bench.stdout
     # the same weights and batches: both engines print the same first loss

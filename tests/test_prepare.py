@@ -19,6 +19,11 @@ from minigpt.prepare import find_cut, plan_chunks, prepare_corpus
 from minigpt.tokenizers import BPETokenizer, CharTokenizer, TiktokenTokenizer, tokenizer_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import prepare as prepare_cli  # noqa: E402  (scripts/prepare.py)
+import train_gpt as train_script  # noqa: E402
+
 # Indented lines, blank lines, trailing spaces, non-ASCII, digits and punctuation: every way a
 # pre-tokenizer could join text across a newline.
 LINES = [
@@ -193,16 +198,11 @@ def test_crlf_text_still_splits_and_counts_inexact_cuts(tmp_path, monkeypatch):
         (lambda d: str(d / "nothing*.txt"), "matches no files"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(tmp_path, setup, message):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, setup, message, run_main):
     src = setup(tmp_path)
     if Path(src).name == "bad.txt":
         Path(src).write_bytes(b"good text\n" * 10 + b"\xff\xfe bad\n" + b"more\n" * 50)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "prepare.py"), str(src), "--out-dir", str(tmp_path / "o"), "--quiet"],
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-    )
+    proc = run_main(prepare_cli.main, str(src), "--out-dir", str(tmp_path / "o"), "--quiet")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and message in proc.stderr and "Traceback" not in proc.stderr
 
@@ -213,16 +213,14 @@ TRAIN_ARGS = "--max-iters 2 --eval-interval 2 --eval-iters 1 --n-layer 1 --n-hea
 TRAIN_ARGS = [*TRAIN_ARGS.split(), "--batch-size", "2", "--quiet", "--no-plot", "--sample-tokens", "5"]
 
 
-def train_gpt(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train_gpt.py"), *argv, *TRAIN_ARGS],
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "MINIGPT_NUM_THREADS": "1"},
-    )
+@pytest.fixture
+def train_gpt(run_main, monkeypatch):
+    """scripts/train_gpt.py with TRAIN_ARGS, run in this process."""
+    monkeypatch.setenv("MINIGPT_NUM_THREADS", "1")
+    return lambda *argv: run_main(train_script.main, *argv, *TRAIN_ARGS)
 
 
-def test_train_gpt_trains_on_a_prepared_directory_without_the_text(tmp_path):
+def test_train_gpt_trains_on_a_prepared_directory_without_the_text(tmp_path, train_gpt):
     src = write(tmp_path / "in.txt", TEXT)
     prepare_corpus(src, tmp_path / "tokens", "char", workers=1, quiet=True)
     src.unlink()  # the text is gone: only the token files remain
@@ -235,7 +233,7 @@ def test_train_gpt_trains_on_a_prepared_directory_without_the_text(tmp_path):
     assert not (tmp_path / "out" / "data").exists()  # nothing was re-tokenized
 
 
-def test_train_gpt_data_streams_a_folder_and_reuses_its_tokens(tmp_path):
+def test_train_gpt_data_streams_a_folder_and_reuses_its_tokens(tmp_path, train_gpt):
     write(tmp_path / "corpus" / "a.txt", TEXT)
     write(tmp_path / "corpus" / "b.txt", TEXT.upper())
     out = tmp_path / "out"
@@ -253,7 +251,7 @@ def test_train_gpt_data_streams_a_folder_and_reuses_its_tokens(tmp_path):
         (["--data", "x.txt"], "--data and --data-dir both given"),
     ],
 )
-def test_train_gpt_data_dir_bad_input_is_one_line(tmp_path, flags, message):
+def test_train_gpt_data_dir_bad_input_is_one_line(tmp_path, flags, message, train_gpt):
     prepare_corpus(write(tmp_path / "in.txt", TEXT), tmp_path / "tokens", "char", workers=1, quiet=True)
     proc = train_gpt("--data-dir", str(tmp_path / "tokens"), "--out-dir", str(tmp_path / "out"), *flags)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
