@@ -8,6 +8,8 @@
   MINIGPT_HIDE_SHARED=1 hides the folder, so the suite runs as on a user's fresh clone.
 - The GPU rule: a test marked `gpu` runs only when CuPy sees a GPU, and otherwise skips with the cause.
 - `device` / `xp`: run a test once on the CPU (NumPy) and once on the GPU (CuPy, marked `gpu`).
+- Ctrl-C: a suite started with SIGINT ignored (`cmd &` in a script, nohup) gets the default back, so the
+  training processes the tests start and signal behave as in a terminal.
 - `run_main`: a command line's main(argv) run in this process, as its script would run it (exit code,
   stdout, stderr), so tests of what a command does pay no interpreter, Numba or torch start-up. Tests of
   the process itself (signals, kill -9, `python -m minigpt`, MPI) still start one.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -34,7 +37,13 @@ HIDE_SHARED_ENV = "MINIGPT_HIDE_SHARED"
 SHARED_FIXTURES = {"shared_data", "shakespeare", "tiktoken_cache"}
 
 
-# ----------------------------------------------------------------------------- markers
+# ----------------------------------------------------------------------------- markers and signals
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # An ignored signal stays ignored across exec, and training then (rightly) leaves Ctrl-C alone.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -262,7 +262,7 @@ def test_sigterm_while_preparing_the_data_exits_143_and_leaves_no_temporary_file
         f"sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
         "import train_gpt; train_gpt.main()\n"
     )
-    env = {**os.environ, "MINIGPT_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **PROCESS_ENV}
     done = subprocess.run([sys.executable, "-c", sigterm_mid_write], env=env, capture_output=True, text=True)
     assert done.returncode == 143, done.stderr
     assert done.stderr.strip() == "interrupted by SIGTERM before training started; nothing was saved"
