@@ -42,19 +42,24 @@ def register(op: Any, device: str) -> Callable[[Any], Any]:
 
 def enabled(device: str) -> bool:
     """Whether `device`'s kernels are switched on (its MINIGPT_NO_*_KERNELS is unset, empty or 0)."""
-    return os.environ.get(SWITCHES[device], "") in ("", "0") and _load(device)
+    return not _switched_off(device) and _load(device)
 
 
 def implementation(op: Any, array: Any, default: Any = None) -> Any:
     """The kernel registered for `op` on `array`'s device and dtype, else the array code: `default`
     (for an op registered by name) or `op` itself (an op class)."""
-    default = op if default is None else default
     device = "cpu" if isinstance(array, np.ndarray) else "cuda"
-    if os.environ.get(SWITCHES[device], "") not in ("", "0") or array.dtype not in FLOAT_DTYPES:
-        return default
-    if device not in _loaded:
+    if device not in _loaded and array.dtype in FLOAT_DTYPES and not _switched_off(device):
         _load(device)
-    return _registry.get((op, device), default)
+    kernel = _registry.get((op, device))
+    # The switch is read only for ops that have a kernel: most ops run per call under no_grad (generation).
+    if kernel is None or array.dtype not in FLOAT_DTYPES or _switched_off(device):
+        return op if default is None else default
+    return kernel
+
+
+def _switched_off(device: str) -> bool:
+    return os.environ.get(SWITCHES[device], "") not in ("", "0")
 
 
 def _load(device: str) -> bool:

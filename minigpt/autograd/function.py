@@ -8,6 +8,7 @@ backward needs as attributes), and returns one gradient per input from `backward
 from __future__ import annotations
 
 import contextlib
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 else:
     Tensor = None  # bound by tensor.py once the class exists (the two modules need each other)
 _new_tensor = object.__new__
+_data, _requires_grad = attrgetter("data"), attrgetter("requires_grad")
 
 _grad_enabled = True
 
@@ -65,6 +67,7 @@ class Function:
 
     inputs: tuple[Tensor, ...]
     needs_input_grad: list[bool]
+    output_ids: list[int] | None = None  # a multi-output op's results, in order (see Tensor.backward)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
@@ -74,33 +77,35 @@ class Function:
         raise NotImplementedError
 
     @classmethod
-    def apply(cls, *inputs: Tensor, **kwargs: Any) -> Tensor:
-        datas = [t.data for t in inputs]
-        needs = [t.requires_grad for t in inputs]
+    def apply(cls, *inputs: Tensor, **kwargs: Any) -> Any:
+        """Run the op on the inputs' arrays: a Tensor, or a tuple of Tensors when forward returns a tuple.
+
+        The graph is recorded only when grad mode is on and an input requires grad. Without it this
+        is little more than the op's forward: generation runs here, op by op, so it is kept lean.
+        """
+        datas = list(map(_data, inputs))
         if len(datas) > 1:
-            on_cpu = isinstance(datas[0], np.ndarray)
+            kind = type(datas[0])
             for d in datas:
-                if isinstance(d, np.ndarray) is not on_cpu:
-                    devices = ", ".join(t.device for t in inputs)
-                    raise RuntimeError(
-                        f"{cls.__name__.lower()}: tensors are on different devices ({devices}); "
-                        "move them with .to(device) first"
-                    )
+                if type(d) is not kind:  # a subclass, or another device
+                    _check_devices(cls.__name__, inputs, datas)
         fn = implementation(cls, datas[0])()  # a device kernel of the op where one serves, else the op
-        requires_grad = _grad_enabled and True in needs
-        if requires_grad:
-            fn.needs_input_grad = needs
+        ctx = None
+        if _grad_enabled:
+            needs = list(map(_requires_grad, inputs))
+            if True in needs:
+                ctx, fn.needs_input_grad, fn.inputs = fn, needs, inputs
         out = fn.forward(*datas, **kwargs)
-        if isinstance(out, np.generic):  # NumPy returns scalars from 0-d ops; keep arrays
-            out = np.asarray(out)
-        result = _new_tensor(Tensor)
-        result.data = out
-        result.grad = None
-        result.requires_grad = requires_grad
-        result._ctx = fn if requires_grad else None
-        if requires_grad:
-            fn.inputs = inputs
-        return result
+        if type(out) is tuple:
+            return fn._outputs(out, ctx)
+        return _tensor(out, ctx)
+
+    def _outputs(self, outs: tuple[Any, ...], ctx: Function | None) -> tuple[Tensor, ...]:
+        """A multi-output op's results. Its backward takes one gradient per output (None for one unused)."""
+        results = tuple([_tensor(out, ctx) for out in outs])
+        if ctx is not None:
+            self.output_ids = [id(r) for r in results]
+        return results
 
     def release(self) -> None:
         """Drop saved arrays and graph edges after backward (unless retain_graph)."""
@@ -108,3 +113,25 @@ class Function:
         self.released = True
 
     released = False
+
+
+def _tensor(data: Any, ctx: Function | None = None) -> Tensor:
+    """A Tensor holding an op's result (the fast constructor); `ctx` the op, when the graph is recorded."""
+    if isinstance(data, np.generic):  # NumPy returns scalars from 0-d ops; keep arrays
+        data = np.asarray(data)
+    result = _new_tensor(Tensor)
+    result.data = data
+    result.grad = None
+    result.requires_grad = ctx is not None
+    result._ctx = ctx
+    return result
+
+
+def _check_devices(name: str, inputs: tuple[Tensor, ...], datas: list[Any]) -> None:
+    on_cpu = isinstance(datas[0], np.ndarray)
+    for d in datas:
+        if isinstance(d, np.ndarray) is not on_cpu:
+            devices = ", ".join(t.device for t in inputs)
+            raise RuntimeError(
+                f"{name.lower()}: tensors are on different devices ({devices}); move them with .to(device) first"
+            )

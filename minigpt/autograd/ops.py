@@ -286,10 +286,11 @@ class Reshape(Function):
 
 class Permute(Function):
     def forward(self, a, dims):
-        if sorted(d % a.ndim for d in dims) != list(range(a.ndim)):
-            raise ValueError(f"permute: {dims} is not a permutation of the {a.ndim} dims of {tuple(a.shape)}")
         self.dims = dims
-        return a.transpose(dims)
+        try:
+            return a.transpose(dims)  # raises for a repeated or out-of-range dim
+        except ValueError:
+            raise ValueError(f"permute: {dims} is not a permutation of the {a.ndim} dims of {tuple(a.shape)}") from None
 
     def backward(self, g):
         inverse = [0] * len(self.dims)
@@ -307,28 +308,38 @@ class GetItem(Function):
     """a[index]. Integer-array indices may repeat: backward scatter-adds."""
 
     def forward(self, a, index):
-        self.shape, self.dtype, self.index = a.shape, a.dtype, index
+        self.shape, self.index = a.shape, index
         return a[index]
 
     def backward(self, g):
-        # Not a full-size array: Tensor.backward adds g into the parent's gradient buffer at
-        # `index`, so k slices of one tensor (split, q/k/v) cost one buffer, not k zero-filled ones.
-        return IndexedGrad(self.index, g)
-
-
-class IndexedGrad:
-    """A gradient that is `value` at `index` of its input and zero elsewhere."""
-
-    __slots__ = ("index", "value")
-
-    def __init__(self, index: Any, value: Any):
-        self.index, self.value = index, value
-
-    def add_to(self, out: Any) -> None:
+        grad = get_array_module(g).zeros(self.shape, dtype=g.dtype)
         if _is_basic_index(self.index):
-            out[self.index] += self.value  # basic indexing never repeats an element
+            grad[self.index] = g  # basic indexing never repeats an element
         else:
-            scatter_add(out, self.index, self.value)
+            scatter_add(grad, self.index, g)
+        return grad
+
+
+class Split(Function):
+    """Consecutive pieces of `sizes` along dim, as views (torch.split). One op for all the pieces:
+    backward writes their gradients into one buffer (q, k and v of attention cost one, not three)."""
+
+    def forward(self, a, sizes, dim):
+        self.shape, self.dim, self.sizes = a.shape, dim, sizes
+        pieces, start = [], 0
+        for size in sizes:
+            pieces.append(a[(slice(None),) * dim + (slice(start, start + size),)])
+            start += size
+        return tuple(pieces)
+
+    def backward(self, grads):
+        some = next(g for g in grads if g is not None)
+        grad = get_array_module(some).empty(self.shape, dtype=some.dtype)
+        start = 0
+        for size, g in zip(self.sizes, grads):
+            grad[(slice(None),) * self.dim + (slice(start, start + size),)] = 0 if g is None else g
+            start += size
+        return grad
 
 
 class Cat(Function):
@@ -523,13 +534,7 @@ def split(a: Tensor, split_size_or_sections: int | Sequence[int], dim: int = 0) 
         sizes = list(split_size_or_sections)
         if builtins.sum(sizes) != n:
             raise ValueError(f"split: sizes {sizes} do not add up to {n} (dim {dim} of {tuple(a.shape)})")
-    dim = dim % a.ndim
-    out, start = [], 0
-    for size in sizes:
-        index = (slice(None),) * dim + (slice(start, start + size),)
-        out.append(GetItem.apply(a, index=index))
-        start += size
-    return tuple(out)
+    return Split.apply(a, sizes=tuple(sizes), dim=dim % a.ndim)
 
 
 def where(cond: Any, a: Any, b: Any) -> Tensor:

@@ -49,7 +49,7 @@ class Tensor:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.data.shape)
+        return self.data.shape  # a tuple, from NumPy and CuPy alike
 
     @property
     def ndim(self) -> int:
@@ -156,14 +156,15 @@ class Tensor:
                 raise ValueError(f"backward: grad has shape {tuple(grad.shape)}, expected {self.shape}")
         order: list[Any] = _topological_order(self)
         grads: dict[int, Any] = {id(self): grad}
-        owned: set[int] = set()  # ids of gradient buffers allocated here, safe to add into in place
+        gathering = _multi_output_ops(order)  # ops of several outputs: their gradients, gathered
         for i in range(len(order) - 1, -1, -1):
             t, order[i] = order[i], None  # drop our reference so activations free as we go
             g = grads.pop(id(t), None)
+            ctx = t._ctx
+            if ctx is not None and ctx.output_ids is not None:
+                g = _gather(gathering, ctx, t, g)  # all of its outputs' gradients once the last is reached
             if g is None:
                 continue
-            owned.discard(id(g))  # from here on g may be passed along or shared
-            ctx = t._ctx
             if ctx is None:  # a leaf: accumulate into a buffer it owns
                 if g.dtype != t.data.dtype:
                     g = g.astype(t.data.dtype)
@@ -183,24 +184,14 @@ class Tensor:
             for parent, pg in zip(inputs, input_grads):
                 if pg is None or not parent.requires_grad:
                     continue
-                key = id(parent)
-                prev = grads.get(key)
-                if type(pg) is IndexedGrad:  # a slice's gradient: add it in place into a buffer we own
-                    if prev is None or id(prev) not in owned:
-                        buffer = xp.zeros(parent.data.shape, dtype=pg.value.dtype)
-                        if prev is not None:
-                            buffer += prev
-                        owned.add(id(buffer))
-                        prev = buffer
-                    pg.add_to(prev)
-                    grads[key] = prev
-                    continue
                 if isinstance(pg, np.generic):  # NumPy turns 0-d results into scalars
                     pg = np.asarray(pg)
                 if pg.shape != parent.data.shape:
                     pg = unbroadcast(pg, parent.data.shape)
+                key = id(parent)
+                prev = grads.get(key)
                 grads[key] = pg if prev is None else prev + pg
-            input_grads = pg = prev = buffer = None  # no stray references (see the ownership test above)
+            input_grads = g = pg = prev = None  # no stray references (see the ownership test above)
             if not retain_graph:
                 ctx.release()
 
@@ -374,6 +365,31 @@ def _topological_order(root: Tensor) -> list[Tensor]:
     return order
 
 
+def _multi_output_ops(order: list[Tensor]) -> dict[int, list[Any]]:
+    """For each op of several outputs in the graph: [its outputs' gradients so far, how many of its
+    outputs the walk has yet to reach]."""
+    gathering: dict[int, list[Any]] = {}
+    for t in order:
+        ctx = t._ctx
+        if ctx is not None and ctx.output_ids is not None:
+            entry = gathering.setdefault(id(ctx), [[None] * len(ctx.output_ids), 0])
+            entry[1] += 1
+    return gathering
+
+
+def _gather(gathering: dict[int, list[Any]], ctx: Function, t: Tensor, g: Any) -> tuple[Any, ...] | None:
+    """Record output t's gradient g; once the op's last output in the graph is reached, all of them
+    (None for an output no gradient reached, or when none did), else None."""
+    entry = gathering[id(ctx)]
+    entry[0][ctx.output_ids.index(id(t))] = g
+    entry[1] -= 1
+    if entry[1]:
+        return None
+    del gathering[id(ctx)]
+    output_grads = tuple(entry[0])
+    return None if all(og is None for og in output_grads) else output_grads
+
+
 # ----------------------------------------------------------------------------- factories
 
 
@@ -419,4 +435,3 @@ def arange(start: int, end: int | None = None, step: int = 1, dtype: Any = np.in
 
 function.Tensor = Tensor  # Function.apply builds its results directly
 from minigpt.autograd import ops  # noqa: E402  (ops builds on Tensor)
-from minigpt.autograd.ops import IndexedGrad  # noqa: E402
