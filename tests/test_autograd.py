@@ -215,6 +215,22 @@ def test_cat_stack_split_gradcheck():
     assert [p.shape for p in x.split(3)] == [(3, 2), (3, 2), (1, 2)]
 
 
+def test_split_is_one_node_whose_backward_gets_every_piece_once():
+    x = rand(4, 9)
+    # pieces used twice, in another order, one unused, and the input used directly as well
+    assert gradcheck(lambda t: (lambda q, k, v: q * v + v * 2 + q.exp() + t[:, :3])(*t.split(3, dim=1)), [x])
+    assert gradcheck(lambda t: t.split([1, 3], dim=0)[0] * 3, [x])  # only one piece reaches the loss
+    x.grad, calls = None, []
+    pieces = x.split(3, dim=1)
+    op = pieces[0]._ctx
+    assert all(p._ctx is op for p in pieces) and all(p.data.base is x.data for p in pieces)  # views
+    backward = op.backward
+    op.backward = lambda grads: calls.append([g is None for g in grads]) or backward(grads)
+    (pieces[2] * 2 + pieces[0]).sum().backward()
+    assert calls == [[False, True, False]]  # once, with None for the piece no gradient reached
+    np.testing.assert_array_equal(x.grad, np.tile([1.0] * 3 + [0.0] * 3 + [2.0] * 3, (4, 1)))
+
+
 def test_where_and_masked_fill_gradcheck():
     a, b = rand(3, 4), rand(1, 4)
     cond = rng.random((3, 4)) > 0.5
