@@ -14,9 +14,8 @@ import numpy as np
 
 from minigpt import functional as F
 from minigpt import nn
-from minigpt.autograd import Tensor, fused, parallel
+from minigpt.autograd import Tensor, fused, is_grad_enabled, no_grad, parallel
 from minigpt.autograd.backend import get_array_module, is_array, to_numpy
-from minigpt.autograd.dispatch import implementation
 from minigpt.config import InvalidSetting, check_fields, setting
 
 POS_ENCODINGS = ("learned", "sinusoidal")
@@ -66,7 +65,9 @@ def sinusoidal_table(block_size: int, n_embd: int) -> np.ndarray:
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far: (n_layer, B, nh, block_size, hs)."""
+    """Keys and values of every layer for the tokens seen so far, in buffers of block_size positions:
+    (n_layer, B, nh, block_size, hs) each. `GPT.forward(idx, cache=cache)` appends idx's and advances
+    `length`. It holds values, not a graph (a cached forward is for inference, under no_grad)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, like: Any):
         xp = get_array_module(like)
@@ -75,23 +76,13 @@ class KVCache:
         self.v = xp.zeros(shape, dtype=like.dtype)
         self.length = 0  # positions filled
 
-
-def attend(qkv: Any, n_head: int, cache: KVCache | None = None, layer: int = 0) -> Any:
-    """Causal attention on plain arrays, for generation: q, k, v side by side (B, T, 3C) -> (B, T, C).
-
-    With a cache, the new tokens' k and v are appended to layer's and the queries see all of them;
-    the caller advances `cache.length` once every layer has been fed.
-    """
-    B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    heads = qkv.reshape(B, T, 3, n_head, C // n_head)
-    q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, nh, T, hs) each
-    if cache is not None:
-        end = cache.length + T
-        cache.k[layer, :, :, cache.length : end] = k
-        cache.v[layer, :, :, cache.length : end] = v
-        k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-    y = _op(fused.ScaledDotProductAttention, q).forward(q, k, v, True, 0.0, None)  # the op's forward: no graph
-    return y.transpose(0, 2, 1, 3).reshape(B, T, C)  # y is a (B, T, nh, hs) buffer seen as (B, nh, T, hs)
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new tokens' keys and values (B, nh, T, hs) after the cached ones in `layer`; returns
+        all of them, (B, nh, length + T, hs). GPT.forward advances `length` once every layer has its own."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k.data
+        self.v[layer, :, :, self.length : end] = v.data
+        return Tensor(self.k[layer, :, :, :end]), Tensor(self.v[layer, :, :, :end])
 
 
 class CausalSelfAttention(nn.Module):
@@ -103,13 +94,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout, rng=dropout_rng)
         self.dropout_rng = dropout_rng
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.reshape(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.reshape(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.reshape(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x).view(B, T, 3 * nh, hs).transpose(1, 2)  # (B, 3 nh, T, hs): q's heads, k's, v's
+        q, k, v = qkv.split(nh, dim=1)  # (B, nh, T, hs) each
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, cached + T, hs): the new queries see every key
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, rng=self.dropout_rng)
         y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble the heads side by side
@@ -138,8 +129,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config, rng, dropout_rng)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -186,12 +177,17 @@ class GPT(nn.Module):
 
         save_hf(self, folder, None if tokenizer is None else tokenizer.to_dict())
 
-    def forward(self, idx: Any, targets: Any = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Any, targets: Any = None, cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits (B, T, vocab) and the mean cross-entropy against targets (ignore_index=-1).
 
-        Without targets only the last position's logits are computed: (B, 1, vocab).
-        Generation runs the same model through _next_logits (plain arrays, a KV cache).
+        Without targets only the last position's logits are computed: (B, 1, vocab), as nanoGPT's
+        inference path. With a KV cache, idx continues the tokens already cached: their keys and
+        values are reused, idx's appended, and cache.length advances by T (generation runs this way,
+        one token per step). A cached forward records no graph.
         """
+        if cache is not None and is_grad_enabled():
+            with no_grad():  # the cache holds values, not a graph
+                return self.forward(idx, targets, cache)
         ids = idx.data if isinstance(idx, Tensor) else idx if is_array(idx) else np.asarray(idx)
         if ids.ndim != 2 or ids.size == 0 or ids.dtype.kind not in "iu":
             raise ValueError(
@@ -199,45 +195,22 @@ class GPT(nn.Module):
                 "a single sequence is idx[None, :]"
             )
         B, T = ids.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
+        start = 0 if cache is None else cache.length  # the position of idx's first token
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
         tok_emb = self.transformer.wte(ids)  # (B, T, C)
-        if self.config.pos_encoding == "learned":
-            pos_emb = self.transformer.wpe(np.arange(T))  # (T, C)
-        else:
-            pos_emb = self.pos_table[:T]  # (T, C), a constant
+        positions = self.transformer.wpe.weight if self.config.pos_encoding == "learned" else self.pos_table
+        pos_emb = positions[start : start + T]  # (T, C): the rows of idx's positions
         x = self.transformer.drop(tok_emb + pos_emb)
-        for block in self.transformer.h:
-            x = block(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.length += T
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None  # (B, 1, vocab), as nanoGPT's inference path
         logits = self.lm_head(x)  # (B, T, vocab)
         return logits, F.cross_entropy(logits, targets, ignore_index=-1)
-
-    def _next_logits(self, ids: Any, cache: KVCache | None = None) -> Any:
-        """forward() in eval mode on plain arrays, for generation: the last position's logits (B, V).
-
-        Generation records no graph, so each op's own forward runs on the arrays directly: at decode
-        sizes (one token, a small model) the Tensor and Function wrapping is most of the time. The
-        tests hold it equal to forward(), with and without a cache.
-        """
-        t, T = self.transformer, ids.shape[1]
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
-        positions = t.wpe.weight if self.config.pos_encoding == "learned" else self.pos_table
-        ids = get_array_module(t.wte.weight.data).asarray(ids)  # to the model's device
-        x = _op(fused.Embedding, t.wte.weight.data).forward(t.wte.weight.data, ids) + positions.data[start : start + T]
-        for layer, block in enumerate(t.h):
-            qkv = _linear(block.attn.c_attn, _layer_norm(block.ln_1, x))
-            x = x + _linear(block.attn.c_proj, attend(qkv, block.attn.n_head, cache, layer))
-            h = _linear(block.mlp.c_fc, _layer_norm(block.ln_2, x))
-            h = _op(fused.Gelu, h).forward(h, block.mlp.gelu)
-            x = x + _linear(block.mlp.c_proj, h)
-        if cache is not None:
-            cache.length += T
-        return _linear(self.lm_head, _layer_norm(t.ln_f, x[:, -1, :]))
 
     def generate_tokens(
         self,
@@ -267,15 +240,12 @@ class GPT(nn.Module):
                 if tokens.shape[1] - start > block:
                     # The window is full: move it on by `slide` tokens and rebuild the cache.
                     start, cache = tokens.shape[1] - max(1, block + 1 - slide), None
-                with parallel.blas_threads():  # per step: the caller's code between yields keeps our threads
-                    if not use_cache:
-                        logits = self._next_logits(tokens[:, start:])
-                    elif cache is None:
-                        cache = KVCache(self.config, tokens.shape[0], self.lm_head.weight.data)
-                        logits = self._next_logits(tokens[:, start:], cache)
-                    else:
-                        logits = self._next_logits(tokens[:, -1:], cache)
-                nxt = sample_next(to_numpy(logits), rng, temperature, top_k, top_p, vocab_limit)
+                if use_cache and cache is None:
+                    cache = KVCache(self.config, tokens.shape[0], self.lm_head.weight.data)
+                context = tokens[:, -1:] if cache is not None and cache.length else tokens[:, start:]
+                with no_grad(), parallel.blas_threads():  # per step: the caller's code between yields keeps our threads
+                    logits, _ = self(context, cache=cache)  # (B, 1, vocab)
+                nxt = sample_next(to_numpy(logits.data[:, -1]), rng, temperature, top_k, top_p, vocab_limit)
                 tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
                 yield nxt
                 if stop_token is not None and (tokens[:, -1] == stop_token).all():
@@ -298,20 +268,6 @@ class GPT(nn.Module):
         tokens = _as_batch(idx)
         new = list(self.generate_tokens(tokens, max_new_tokens, **kwargs))
         return np.concatenate([tokens] + [t[:, None] for t in new], axis=1) if new else tokens
-
-
-def _linear(module: nn.Linear, x: Any) -> Any:
-    return fused.Linear().forward(x, module.weight.data, None if module.bias is None else module.bias.data)
-
-
-def _layer_norm(module: nn.LayerNorm, x: Any) -> Any:
-    bias = None if module.bias is None else module.bias.data
-    return _op(fused.LayerNorm, x).forward(x, module.weight.data, bias, module.eps)
-
-
-def _op(op: Any, array: Any) -> Any:
-    """The op's form for the array's device (its kernel, or the array code) as dispatch picks it for apply()."""
-    return implementation(op, array)()
 
 
 def _as_batch(idx: Any) -> np.ndarray:

@@ -120,22 +120,34 @@ def test_cached_generation_equals_recomputation(pos_encoding):
 
 
 @pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal"])
-def test_generation_forward_on_plain_arrays_equals_forward(pos_encoding):
+def test_cached_forward_equals_uncached_forward_in_float64(pos_encoding):
     model = tiny(pos_encoding=pos_encoding, vocab_size=40, bias=True)
-    for p in model.parameters():  # biases and LayerNorm weights away from their 0/1 init
-        p.data += np.random.default_rng(3).normal(0.0, 0.05, p.shape).astype(p.dtype)
+    rng = np.random.default_rng(3)
+    for p in model.parameters():  # float64, biases and LayerNorm weights away from their 0/1 init
+        p.data = (p.data + rng.normal(0.0, 0.05, p.shape)).astype(np.float64)
+    for _, buf in model.named_buffers():
+        buf.data = buf.data.astype(np.float64)
     model.eval()
     tokens = ids(2, 8, vocab=40)
     with minigpt.no_grad():
         reference = [model(tokens[:, : t + 1])[0].data[:, -1, :] for t in range(8)]
-    np.testing.assert_allclose(model._next_logits(tokens), reference[-1], rtol=1e-5, atol=1e-6)
     cache = KVCache(model.config, 2, model.lm_head.weight.data)
-    np.testing.assert_allclose(model._next_logits(tokens[:, :3], cache), reference[2], rtol=1e-5, atol=1e-6)
-    for t in range(3, 8):  # one token at a time over the cache
-        np.testing.assert_allclose(model._next_logits(tokens[:, t : t + 1], cache), reference[t], rtol=1e-5, atol=1e-6)
+    assert cache.k.dtype == np.float64
+    logits, loss = model(tokens[:, :3], cache=cache)  # a prompt of 3, then one token at a time
+    assert logits.shape == (2, 1, 40) and loss is None and not logits.requires_grad  # no graph, even outside no_grad
+    np.testing.assert_allclose(logits.data[:, -1], reference[2], rtol=1e-12, atol=1e-12)
+    for t in range(3, 8):
+        logits, _ = model(tokens[:, t : t + 1], cache=cache)
+        np.testing.assert_allclose(logits.data[:, -1], reference[t], rtol=1e-12, atol=1e-12)
     assert cache.length == 8
     with pytest.raises(ValueError, match="longer than block_size"):
-        model._next_logits(tokens[:, :1], cache)
+        model(tokens[:, :1], cache=cache)
+    cache = KVCache(model.config, 2, model.lm_head.weight.data)  # targets too: the loss of the new tokens
+    model(tokens[:, :5], cache=cache)
+    logits, loss = model(tokens[:, 5:7], tokens[:, 6:8], cache=cache)
+    with minigpt.no_grad():
+        full_logits, _ = model(tokens[:, :7], tokens[:, 1:8])
+    np.testing.assert_allclose(logits.data, full_logits.data[:, 5:7], rtol=1e-12, atol=1e-12)
 
 
 def test_generation_options():

@@ -84,11 +84,8 @@ class Function:
         is little more than the op's forward: generation runs here, op by op, so it is kept lean.
         """
         datas = list(map(_data, inputs))
-        if len(datas) > 1:
-            kind = type(datas[0])
-            for d in datas:
-                if type(d) is not kind:  # a subclass, or another device
-                    _check_devices(cls.__name__, inputs, datas)
+        if len(datas) > 1 and len(set(map(type, datas))) > 1:  # another device (or an ndarray subclass)
+            _check_devices(cls.__name__, inputs, datas)
         fn = implementation(cls, datas[0])()  # a device kernel of the op where one serves, else the op
         ctx = None
         if _grad_enabled:

@@ -344,6 +344,12 @@ def _rows(a: np.ndarray, dtype: Any = None) -> np.ndarray:
     return a.reshape(a.size // c if c else math.prod(a.shape[:-1]), c)
 
 
+def _vector(a: np.ndarray, n: int, dtype: Any) -> np.ndarray:
+    """`a` broadcast to a contiguous (n,) vector of dtype (itself when it is one: broadcast_to costs µs a call)."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.shape == (n,) else np.ascontiguousarray(np.broadcast_to(a, (n,)))
+
+
 @dispatch.register(fused.Gelu, "cpu")
 class Gelu(fused.Gelu):
     def forward(self, x, approximate="tanh"):
@@ -367,8 +373,8 @@ class LayerNorm(fused.LayerNorm):
     def forward(self, x, w, b=None, eps=1e-5):
         x2 = _rows(x)
         dtype, (n, c) = x2.dtype, x2.shape
-        w1 = np.ascontiguousarray(np.broadcast_to(w, (c,)), dtype=dtype)
-        b1 = np.zeros(c, dtype) if b is None else np.ascontiguousarray(np.broadcast_to(b, (c,)), dtype=dtype)
+        w1 = _vector(w, c, dtype)
+        b1 = np.zeros(c, dtype) if b is None else _vector(b, c, dtype)
         out, mean, rstd = np.empty_like(x2), np.empty(n, dtype), np.empty(n, dtype)
         map_row_blocks(layer_norm_forward, x2, out, mean, rstd, w=w1, b=b1, eps=dtype.type(eps))
         self.x2, self.w1, self.mean, self.rstd = x2, w1, mean, rstd
