@@ -325,7 +325,7 @@ class Split(Function):
     backward writes their gradients into one buffer (q, k and v of attention cost one, not three)."""
 
     def forward(self, a, sizes, dim):
-        self.shape, self.dim, self.sizes = a.shape, dim, sizes
+        self.like, self.dim, self.sizes = a, dim, sizes  # a view: the pieces keep its memory alive anyway
         pieces, start = [], 0
         for size in sizes:
             pieces.append(a[(slice(None),) * dim + (slice(start, start + size),)])
@@ -334,7 +334,9 @@ class Split(Function):
 
     def backward(self, grads):
         some = next(g for g in grads if g is not None)
-        grad = get_array_module(some).empty(self.shape, dtype=some.dtype)
+        # laid out in memory as the input is (attention's q, k, v: a transposed view of one GEMM's
+        # output), so the transposes and reshapes back to that GEMM's gradient are views, not copies
+        grad = get_array_module(some).empty_like(self.like, dtype=some.dtype)
         start = 0
         for size, g in zip(self.sizes, grads):
             grad[(slice(None),) * self.dim + (slice(start, start + size),)] = 0 if g is None else g
