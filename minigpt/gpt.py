@@ -155,6 +155,11 @@ class GPT(nn.Module):
 
         # nanoGPT's init: N(0, 0.02) for every weight matrix and embedding, zero biases, and the
         # projections into the residual stream scaled by 1/sqrt(2 * n_layer) (GPT-2 paper).
+        if nn.init_enabled():
+            self._init_weights(rng)
+
+    def _init_weights(self, rng: np.random.Generator) -> None:
+        config = self.config
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 module.weight.data[...] = rng.normal(0.0, 0.02, module.weight.shape)
@@ -163,6 +168,15 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 p.data[...] = rng.normal(0.0, 0.02 / math.sqrt(2 * config.n_layer), p.shape)
+
+    @classmethod
+    def from_state_dict(cls, config: GPTConfig, state: dict[str, Any]) -> GPT:
+        """A GPT of `config` holding `state`'s weights, built without drawing the random initial weights
+        that `state` replaces (load_state_dict is strict: every weight must be in it)."""
+        with nn.no_init():
+            model = cls(config)
+        model.load_state_dict(state)
+        return model
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> GPT:

@@ -32,8 +32,7 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, d
     elif str(path).endswith(".npz") or (Path(path).is_file() and not str(path).endswith(".safetensors")):
         state, _, meta = load_checkpoint(path)
         config, tokenizer = read_model_meta(path, meta)
-        model = GPT(config)
-        model.load_state_dict(state)
+        model = GPT.from_state_dict(config, state)
         return model.to(device).eval(), tokenizer, meta
     else:
         model, tokenizer_dict = weights.load_hf(path)

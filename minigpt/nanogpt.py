@@ -122,9 +122,8 @@ def read_nanogpt(ckpt: str | Path, meta_pkl: str | Path | None = None) -> tuple[
         raise UserError(
             f"{ckpt} has a {config.vocab_size}-id vocabulary: pass its meta.pkl (e.g. data/shakespeare_char/meta.pkl)"
         )
-    model = GPT(config)
     try:
-        model.load_state_dict(state)
+        model = GPT.from_state_dict(config, state)
     except (ValueError, KeyError) as e:
         raise UserError(f"{ckpt}: {str(e).splitlines()[0]}") from None
     best = checkpoint.get("best_val_loss")
@@ -163,11 +162,11 @@ def minigpt_to_nanogpt(checkpoint: str | Path, out_dir: str | Path) -> list[Path
     """Write nanoGPT's ckpt.pt (and meta.pkl for a character vocabulary) from a minigpt checkpoint."""
     state, optim, meta = load_checkpoint(checkpoint)
     try:
-        model = GPT(GPTConfig(**meta["model_config"]))
+        config = GPTConfig(**meta["model_config"])
         tokenizer = dict(meta["tokenizer"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{checkpoint}: not a minigpt GPT checkpoint ({e})") from None
-    model.load_state_dict(state)
+    model = GPT.from_state_dict(config, state)
     return write_nanogpt(model, tokenizer, out_dir, meta, optimizer=optim, where=str(checkpoint))
 
 

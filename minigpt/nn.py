@@ -7,6 +7,7 @@ a Module, or a list/tuple/dict of them is part of the model. Nothing has to be r
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -20,6 +21,7 @@ from minigpt.errors import UserError
 # The default generator for initialisation and dropout when no `rng` is passed. Seeded, so a run
 # that never mentions randomness is still reproducible; `manual_seed` resets it.
 _default_rng = np.random.default_rng(0)
+_init_weights = True  # see no_init
 _device_rngs: dict[str, Any] = {}
 
 
@@ -410,7 +412,27 @@ class Sequential(ModuleList):
 # ----------------------------------------------------------------------------- layers
 
 
+@contextlib.contextmanager
+def no_init() -> Iterator[None]:
+    """Within: Linear and Embedding leave their weights uninitialised (np.empty), for a model whose every
+    weight a state dict replaces next (as Hugging Face's no_init_weights): loading GPT-2 124M is then
+    not paced by 124M random draws. See GPT.from_state_dict."""
+    global _init_weights
+    before, _init_weights = _init_weights, False
+    try:
+        yield
+    finally:
+        _init_weights = before
+
+
+def init_enabled() -> bool:
+    """False within no_init(): a model's own initialisation is skipped too."""
+    return _init_weights
+
+
 def _uniform(rng: np.random.Generator, bound: float, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    if not _init_weights:
+        return np.empty(shape, dtype)
     # Drawn in float64 and then cast, so the same seed gives the same weights in any dtype.
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
@@ -458,7 +480,8 @@ class Embedding(Module):
         super().__init__()
         rng = rng if rng is not None else _default_rng
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.weight = Parameter(rng.standard_normal((num_embeddings, embedding_dim)).astype(dtype))
+        shape = (num_embeddings, embedding_dim)
+        self.weight = Parameter(rng.standard_normal(shape).astype(dtype) if _init_weights else np.empty(shape, dtype))
 
     def forward(self, ids: Any) -> Tensor:
         return F.embedding(ids, self.weight)

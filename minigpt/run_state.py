@@ -98,8 +98,7 @@ def read_init(cfg: RunConfig, explicit: set[str]) -> tuple[RunConfig, GPT, Token
         state = model.state_dict()
         if "transformer.wpe.weight" in state:
             state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
-        model = GPT(config)
-        model.load_state_dict(state)
+        model = GPT.from_state_dict(config, state)
     cfg = replace(cfg, model=config, tokenizer=kinds.get(tokenizer.kind) or cfg.tokenizer)
     if tokenizer.kind == "bpe":
         cfg = replace(cfg, vocab_size=tokenizer.vocab_size)

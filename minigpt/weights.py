@@ -343,8 +343,7 @@ def load_hf(name_or_path: str | os.PathLike[str]) -> tuple[GPT, dict[str, Any]]:
     tokenizer = ours.get("tokenizer")
     if tokenizer is None and config.vocab_size == GPT2_VOCAB:
         tokenizer = {"kind": "tiktoken", "name": "gpt2"}
-    model = GPT(config)
-    model.load_state_dict(state)
+    model = GPT.from_state_dict(config, state)
     return model.eval(), tokenizer
 
 

@@ -211,3 +211,21 @@ def test_slide_moves_a_full_window_in_jumps_with_the_same_tokens_cached_or_not()
     np.testing.assert_array_equal(exact[:, :10], jumpy[:, :10])  # the same until the window first moves
     with pytest.raises(ValueError, match="slide"):
         model.generate(prompt, 3, slide=0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_from_state_dict_draws_no_random_weights_and_needs_every_one(bias):
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, bias=bias)
+    state = GPT(config, rng=np.random.default_rng(3)).state_dict()
+    model = GPT.from_state_dict(config, state)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, state[name], err_msg=name)
+    assert minigpt.nn.init_enabled()  # off only within from_state_dict
+    rng, expected = np.random.default_rng(5), np.random.default_rng(5)
+    with minigpt.nn.no_init():
+        GPT(config, rng=rng)
+    expected.integers(2**63)  # the dropout generator's seed is the one draw left
+    assert rng.bit_generator.state == expected.bit_generator.state
+    incomplete = {k: v for k, v in state.items() if k != "transformer.h.1.mlp.c_fc.weight"}
+    with pytest.raises(ValueError, match="missing"):  # no uninitialised weight can survive a load
+        GPT.from_state_dict(config, incomplete)
