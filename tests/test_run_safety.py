@@ -195,6 +195,18 @@ def test_resumed_lr_follows_the_fixed_schedule_and_times_continue(trained, capsy
     assert walls == sorted(walls) and walls[0] > 1.6e9
 
 
+def train_gpt_process(patch: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """scripts/train_gpt.py with `argv` in a process of its own, after the Python code `patch` ran there."""
+    script = (
+        f"{patch}import sys\n"
+        + f"sys.argv = ['train_gpt.py'] + {argv!r}\n"
+        + f"sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
+        + "import train_gpt; train_gpt.main()\n"
+    )
+    env = {**os.environ, **PROCESS_ENV}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+
+
 def test_resume_after_kill_9_during_a_checkpoint_write_is_bit_exact(tmp_path, text_file, monkeypatch):
     monkeypatch.setenv("MINIGPT_NO_CPU_KERNELS", "1")  # the same code as the killed process
     full, split = tmp_path / "full", tmp_path / "split"
@@ -209,12 +221,8 @@ def test_resume_after_kill_9_during_a_checkpoint_write_is_bit_exact(tmp_path, te
         "        f.write(b'PK partial'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
         "    savez(f, **arrays)\n"
         "np.savez = dying_savez\n"
-        f"sys.argv = ['train_gpt.py'] + {args(split, text_file, iters=8)!r}\n"
-        f"sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
-        "import train_gpt; train_gpt.main()\n"
     )
-    env = {**os.environ, **PROCESS_ENV}
-    died = subprocess.run([sys.executable, "-c", killer], env=env, capture_output=True, text=True)
+    died = train_gpt_process(killer, args(split, text_file, iters=8))
     assert died.returncode == -signal.SIGKILL, died.stderr
     assert list(split.glob(".*.tmp")), "the killed write left no temporary file"
     _, _, meta = load_checkpoint(split / "last.npz")
@@ -258,12 +266,8 @@ def test_sigterm_while_preparing_the_data_exits_143_and_leaves_no_temporary_file
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
         "    fsync(fd)\n"
         "os.fsync = fsync_after_sigterm\n"
-        f"sys.argv = ['train_gpt.py'] + {args(out, text_file)!r}\n"
-        f"sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
-        "import train_gpt; train_gpt.main()\n"
     )
-    env = {**os.environ, **PROCESS_ENV}
-    done = subprocess.run([sys.executable, "-c", sigterm_mid_write], env=env, capture_output=True, text=True)
+    done = train_gpt_process(sigterm_mid_write, args(out, text_file))
     assert done.returncode == 143, done.stderr
     assert done.stderr.strip() == "interrupted by SIGTERM before training started; nothing was saved"
     assert not list(out.rglob("*.tmp")) and not (out / "data" / "meta.json").exists()
