@@ -397,15 +397,18 @@ class ScaledDotProductAttention(Function):
     chunk_rows = CAUSAL_CHUNK
 
     def forward(self, q, k, v, is_causal, dropout_p, rng):
-        xp = get_array_module(q)
-        # (B, nh, Tq, hs) as a view of a (B, Tq, nh, hs) buffer: the caller's transpose(1, 2) back
-        # to (B, T, C) then costs no copy
-        if q.ndim == 4:
-            out = xp.empty((q.shape[0], q.shape[2], q.shape[1], v.shape[-1]), dtype=q.dtype).transpose(0, 2, 1, 3)
-        else:
-            out = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
+        out = self.output_buffer(q, v)
         self.attend_(q, k, v, out, is_causal, dropout_p, rng)
         return out
+
+    @staticmethod
+    def output_buffer(q, v):
+        """An empty (..., Tq, hs) result; (B, nh, Tq, hs) as a view of a (B, Tq, nh, hs) buffer, so the
+        caller's transpose(1, 2) back to (B, T, C) costs no copy."""
+        xp = get_array_module(q)
+        if q.ndim == 4:
+            return xp.empty((q.shape[0], q.shape[2], q.shape[1], v.shape[-1]), dtype=q.dtype).transpose(0, 2, 1, 3)
+        return xp.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
 
     def attend_(self, q, k, v, out, is_causal, dropout_p, rng):
         """Write the attention of q over k, v into out; save what attend_backward_ needs."""

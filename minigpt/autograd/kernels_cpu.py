@@ -424,7 +424,7 @@ class ScaledDotProductAttention(fused.ScaledDotProductAttention):
         blocks = _attention_blocks(q, k) if dropout_p == 0 else None
         if blocks is None:
             return super().forward(q, k, v, is_causal, dropout_p, rng)
-        out = np.empty((q.shape[0], q.shape[2], q.shape[1], v.shape[-1]), dtype=q.dtype).transpose(0, 2, 1, 3)
+        out = self.output_buffer(q, v)
         self.parts = [(b, ScaledDotProductAttention()) for b in blocks]
         with parallel.blas_at_one():
             run_parallel(
