@@ -25,13 +25,13 @@ from minigpt.bench import CONFIGS, MinigptRunner, batches  # noqa: E402
 from minigpt.optim import clip_grad_norm_  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--preset", choices=sorted(CONFIGS), default="M", help="a named size, as bench_train.py's (default: M)"
     )
     parser.add_argument("--steps", type=int, default=4, help="profiled training steps (default: 4)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     forward_s: dict[str, float] = collections.defaultdict(float)
     backward_s: dict[str, float] = collections.defaultdict(float)
@@ -41,7 +41,7 @@ def main() -> None:
         t0 = time.perf_counter()
         out = apply(cls, *inputs, **kwargs)
         forward_s[cls.__name__] += time.perf_counter() - t0
-        ctx = out._ctx
+        ctx = (out[0] if type(out) is tuple else out)._ctx  # a multi-output op (Split) returns a tuple
         if ctx is not None:
             backward = ctx.backward
 

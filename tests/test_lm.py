@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import bench_train as bench_script  # noqa: E402
+import profile_train as profile_script  # noqa: E402
 import sample as sample_script  # noqa: E402
 import train_gpt as train_script  # noqa: E402
 
@@ -249,6 +250,17 @@ def test_bench_train_smoke(tmp_path, vs_torch, run_main, monkeypatch):
     losses = [line.split("loss ")[-1].split(" ->")[0] for line in bench.stdout.splitlines() if "| loss " in line]
     assert len(losses) == (2 if vs_torch else 1) and len(set(losses)) == 1
     assert ("throughput ratio" in bench.stdout) == vs_torch
+
+
+def test_profile_train_smoke(run_main, monkeypatch):
+    from minigpt.autograd import function
+
+    # the script wraps Function.apply for the whole process: put it back afterwards
+    monkeypatch.setattr(function.Function, "apply", function.Function.__dict__["apply"])
+    profile = run_main(profile_script.main, "--preset", "S", "--steps", "1")
+    assert profile.returncode == 0, profile.stderr
+    ops = {line.split()[0] for line in profile.stdout.splitlines()[1:]}
+    assert {"Linear", "Split", "LayerNorm", "CrossEntropy"} <= ops  # Split: an op with several outputs
 
 
 def test_run_settings_are_declared_once():
