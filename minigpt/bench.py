@@ -44,6 +44,7 @@ from minigpt.autograd.backend import cupy_module, get_array_module, normalize_de
 from minigpt.cli import Parser
 from minigpt.errors import UserError, cli_main
 from minigpt.gpt import GPT, GPTConfig
+from minigpt.local_parallel import LocalDataParallel, processes_for
 from minigpt.optim import AdamW, clip_grad_norm_
 
 SIZE_FLAGS = {
@@ -105,22 +106,42 @@ def peak_rss_mb() -> float:
 
 
 class MinigptRunner:
-    def __init__(self, s: dict[str, int], device: str, seed: int = 0):
+    """minigpt's step as `train` runs it: on the CPU each batch shared out among processes (see
+    minigpt.local_parallel; `processes` 1 keeps it on this process's threads)."""
+
+    def __init__(self, s: dict[str, int], device: str, seed: int = 0, processes: int | None = None):
         cfg = GPTConfig(**{k: s[k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")})
         self.model = GPT(cfg, rng=np.random.default_rng(seed)).to(device)
         self.opt = AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1)
         self.params = list(self.model.parameters())
+        if processes is None:
+            processes = processes_for(self.model, device, data_parallel=False)
+        self.processes, self.split = processes, None
 
-    def step(self, x: np.ndarray, y: np.ndarray) -> float:
-        _, loss = self.model(x, y)
+    def step(self, x: np.ndarray, y: np.ndarray) -> Any:
+        if self.split is None and self.processes > 1:  # forked at the first step, as train() does at its start
+            self.split = LocalDataParallel(self.model, lambda model, batch: model(*batch)[1], self.processes)
         self.opt.zero_grad()
-        loss.backward()
+        if self.split is not None:
+            loss = self.split.forward_backward((x, y))
+        else:
+            _, loss = self.model(x, y)
+            loss.backward()
+            loss = loss.data
         clip_grad_norm_(self.params, 1.0)
         self.opt.step()
-        xp = get_array_module(loss.data)
+        xp = get_array_module(loss)
         if xp is not np:
             xp.cuda.Device().synchronize()
         return loss
+
+    def close(self) -> float:
+        """Stop the workers; returns the memory they held apart from this process's (MB)."""
+        if self.split is None:
+            return 0.0
+        mb = self.split.workers_private_mb()
+        self.split.close()
+        return mb
 
 
 class TorchRunner:
@@ -258,7 +279,8 @@ def child_main(args: argparse.Namespace, s: dict[str, int]) -> None:
             times.append(time.perf_counter() - t0)
         losses.append(float(loss.item()))
     gpu = {"gpu_mb": peak_gpu_mb(args.child)} if args.device == "cuda" else {}
-    print(json.dumps({"times": times, "losses": losses, "peak_rss_mb": peak_rss_mb(), **gpu}))
+    workers_mb = runner.close() if args.child == "minigpt" else 0.0
+    print(json.dumps({"times": times, "losses": losses, "peak_rss_mb": peak_rss_mb(), "workers_mb": workers_mb, **gpu}))
 
 
 def settings(args: argparse.Namespace) -> dict[str, int]:
@@ -340,11 +362,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         rates[name] = tokens / step
         gflops = flops / step / 1e9
         rss = max(run["peak_rss_mb"] for run in runs[name])
+        workers = max(run["workers_mb"] for run in runs[name])
+        rss_text = f"{rss:7.0f} MB" + (f" (+{workers:.0f} MB in workers)" if workers else "")
         gpu = f" | GPU {max(run['gpu_mb'] for run in runs[name]):6.0f} MB" if args.device == "cuda" else ""
         losses = runs[name][0]["losses"]
         print(
             f"{name:<8} step {step * 1e3:8.1f} ms | {tokens / step:10,.0f} tokens/s | {gflops:8.1f} GFLOP/s | "
-            f"MFU {gflops / peak:5.1%} | peak RSS {rss:7.0f} MB{gpu} | loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+            f"MFU {gflops / peak:5.1%} | peak RSS {rss_text}{gpu} | loss {losses[0]:.4f} -> {losses[-1]:.4f}"
         )
     if args.vs_torch:
         print(f"throughput ratio minigpt/PyTorch: {rates['minigpt'] / rates['torch']:.2f}x")

@@ -26,6 +26,7 @@ from minigpt.autograd.backend import is_array, to_device
 from minigpt.autograd.function import no_grad
 from minigpt.autograd.tensor import Tensor
 from minigpt.errors import UserError, raise_signal_interrupt
+from minigpt.local_parallel import LocalDataParallel, WorkerDied, processes_for
 from minigpt.nn import Module
 from minigpt.optim import Optimizer, clip_grad_norm_
 
@@ -185,12 +186,18 @@ def _forward_backward(
     loss_fn: Callable[[Module, Any], Tensor],
     grad_accum: int,
     device: str,
+    split: LocalDataParallel | None = None,
 ) -> Any:
     """Backpropagate grad_accum micro-batches, each loss scaled by 1/grad_accum so the summed grads are
-    the big batch's mean. Returns the step's loss, left on the device (reading it would sync a GPU)."""
+    the big batch's mean (each shared out among `split`'s processes where given). Returns the step's
+    loss, left on the device (reading it would sync a GPU)."""
     step_loss: Any = 0.0
     for _ in range(grad_accum):
-        loss = loss_fn(model, _to_device(get_batch(), device))  # the one place batches move to the device
+        batch = _to_device(get_batch(), device)  # the one place batches move to the device
+        if split is not None:
+            step_loss = step_loss + split.forward_backward(batch, 1.0 / grad_accum)
+            continue
+        loss = loss_fn(model, batch)
         if grad_accum > 1:
             loss = loss * (1.0 / grad_accum)
         loss.backward()
@@ -227,6 +234,7 @@ def train(
     desc: str = "train",
     time_offset: float = 0.0,
     grad_sync: Callable[[Any, bool], tuple[Any, bool]] | None = None,
+    processes: int | None = None,
 ) -> TrainResult:
     """Train `model` from step `start_step` until `max_steps` optimizer steps are done.
 
@@ -242,6 +250,8 @@ def train(
     Data-parallel training passes `grad_sync(step_loss, stop) -> (step_loss, stop)`, run after each
     backward: it averages the gradients and the loss over the processes and tells whether any of them
     was signalled, so all stop at the same step (see minigpt.distributed).
+    On the CPU each batch is shared out among `processes` processes (default: one per minigpt thread,
+    where that gives the same result; see minigpt.local_parallel); 1 keeps the step in this process.
     """
     if grad_accum < 1:
         raise ValueError(f"train: grad_accum must be >= 1, got {grad_accum}")
@@ -254,6 +264,7 @@ def train(
         lr_schedule=lr_schedule, grad_clip=grad_clip, grad_accum=grad_accum, eval_fn=eval_fn,
         eval_interval=eval_interval, log_interval=log_interval, on_step_end=on_step_end, on_eval=on_eval,
         on_diverge=on_diverge, tokens_per_step=tokens_per_step, desc=desc, grad_sync=grad_sync,
+        processes=processes,
     )  # fmt: skip
     interrupted = False
     model.train()
@@ -269,6 +280,7 @@ def train(
                 interrupted = True
                 loop.interrupted(on_interrupt)
     finally:
+        loop.close()
         report.close()
     return TrainResult(
         step=state.step,
@@ -303,10 +315,15 @@ class _Loop:
     tokens_per_step: int | None
     desc: str
     grad_sync: Callable[[Any, bool], tuple[Any, bool]] | None
+    processes: int | None
 
     def __post_init__(self) -> None:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.device = self.params[0].device if self.params else "cpu"
+        n = self.processes
+        if n is None:
+            n = processes_for(self.model, self.device, data_parallel=self.grad_sync is not None)
+        self.split = LocalDataParallel(self.model, self.loss_fn, n) if n > 1 else None
         # Reading a value on the CPU is free, so the loss and gradient norm are checked at every step,
         # before the update; on the GPU a read waits for the device, so they are read once per log window.
         self.check_every_step = self.device == "cpu"
@@ -322,7 +339,14 @@ class _Loop:
             for group in optimizer.param_groups:
                 group["lr"] = state.lr
         optimizer.zero_grad()
-        step_loss = _forward_backward(self.model, self.get_batch, self.loss_fn, self.grad_accum, self.device)
+        try:
+            step_loss = _forward_backward(
+                self.model, self.get_batch, self.loss_fn, self.grad_accum, self.device, self.split
+            )
+        except WorkerDied:
+            if stop.signum is not None:  # a signal to the whole process group: abandon the step, save
+                raise KeyboardInterrupt from None
+            raise
         if self.grad_sync is not None:  # data parallel: every rank gets the same grads, loss and stop
             step_loss, stop_all = self.grad_sync(step_loss, stop.signum is not None)
         self.running = self.running + step_loss
@@ -347,6 +371,10 @@ class _Loop:
         if self.on_step_end is not None:
             self.on_step_end(state)
         return stop_all if self.grad_sync is not None else stop.signum is not None
+
+    def close(self) -> None:
+        if self.split is not None:
+            self.split.close()
 
     def check(self, grad_norm: Any) -> None:
         """Read the window's mean loss and the step's gradient norm; raise if either is not finite."""

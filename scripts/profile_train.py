@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
 
     function.Function.apply = classmethod(timed_apply)
     s = CONFIGS[args.preset]
-    runner = MinigptRunner(s, "cpu")
+    runner = MinigptRunner(s, "cpu", processes=1)  # the ops of one process, on its threads
     data = batches(s, args.steps + 1)
     runner.step(*data[0])  # warm-up, not counted
     forward_s.clear()

@@ -240,16 +240,26 @@ def test_resume_after_kill_9_during_a_checkpoint_write_is_bit_exact(tmp_path, te
 # ----------------------------------------------------------------------------- signals
 
 
+@pytest.mark.parametrize("to_group", [False, True])
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_saves_last_npz_and_exits_128_plus_it(tmp_path, text_file, signum, code):
+def test_a_signal_saves_last_npz_and_exits_128_plus_it(tmp_path, text_file, signum, code, to_group):
+    """To the process, or to its group as a terminal's Ctrl-C or `kill -TERM -PGID` (which reaches the
+    training's worker processes as well: none is left behind)."""
     out = tmp_path / "out"
-    proc = run_cli("train_gpt.py", *args(out, text_file, "--eval-interval", "100000", iters=10**6))
+    proc = run_cli(
+        "train_gpt.py", *args(out, text_file, "--eval-interval", "100000", iters=10**6), start_new_session=True
+    )
     deadline = time.monotonic() + 60
     while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.05)
-    proc.send_signal(signum)
+    if to_group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     assert proc.wait(timeout=60) == code
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # no process of the run's group is left
     err = proc.stderr.read().strip().splitlines()[-1]
     _, _, meta = load_checkpoint(out / "last.npz")
     assert f"interrupted by {signal.Signals(signum).name} at step {meta['step']}: saved {out / 'last.npz'}" in err

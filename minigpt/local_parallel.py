@@ -1,0 +1,224 @@
+"""Data parallel over this machine's cores: each training batch is shared out among processes.
+
+minigpt's threads hand work to each other through the GIL and the OS, tens of µs per hand-off on a
+VM, and a small model's step is a hundred such hand-offs: on 2 cores they speed config S's step up
+only ~1.2x. Processes need two hand-offs per step. So when `train` runs on the CPU with N > 1
+threads, it forks N - 1 workers at its start. In every step each process runs forward and backward
+over its rows of the batch on one thread, and the parent adds the workers' gradients, weighted by
+their rows, to its own before clipping and the update. The parameters live in shared memory, which
+the parent alone updates, so the workers always see the current weights; gradients come back
+through shared memory too, each worker's loss (or error) over a pipe. Evaluation and sampling stay
+in the parent, on its threads.
+
+The result is the single process's: the gradient of the batch's mean loss (to float rounding; the
+loss must be a mean over rows). Not used where it could differ or fail: on a GPU, under MPI
+(`grad_sync`), with dropout (the workers would need random streams of their own, restored on
+resume), outside Linux (fork() without exec is unsafe with macOS's system libraries), and for a
+batch that is not a tuple of arrays with a row per example. MINIGPT_NO_PROCESSES=1 keeps training
+in one process, on its threads (to compare the two).
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from minigpt import nn
+from minigpt.autograd import parallel
+from minigpt.autograd.tensor import Tensor
+from minigpt.errors import UserError
+
+
+class WorkerDied(UserError):
+    """A worker process ended in the middle of a step (killed, or out of memory)."""
+
+
+def processes_for(model: nn.Module, device: str, data_parallel: bool) -> int:
+    """How many processes `train` shares each batch among: minigpt's CPU threads, or 1 where it cannot."""
+    if device != "cpu" or data_parallel or os.environ.get("MINIGPT_NO_PROCESSES") == "1":
+        return 1
+    if not sys.platform.startswith("linux"):  # fork() without exec is unsafe with macOS's system libraries
+        return 1
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or any(type(p.data) is not np.ndarray or p.dtype != params[0].dtype for p in params):
+        return 1
+    return parallel.get_num_threads()
+
+
+def _shared(size: int, dtype: Any) -> np.ndarray:
+    """A zeroed flat array in anonymous shared memory: forked children write to the same pages."""
+    nbytes = max(size, 1) * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype)[:size]
+
+
+def _views(flat: np.ndarray, params: list[Tensor]) -> list[np.ndarray]:
+    """flat cut into arrays of the parameters' shapes, in order."""
+    views, offset = [], 0
+    for p in params:
+        views.append(flat[offset : offset + p.data.size].reshape(p.shape))
+        offset += p.data.size
+    return views
+
+
+class LocalDataParallel:
+    """`processes` - 1 forked workers and the shared memory between them and this process."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], processes: int):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        size, dtype = sum(p.data.size for p in self.params), self.params[0].dtype
+        self.weights = _views(_shared(size, dtype), self.params)
+        self._share_weights()
+        grads = [_views(_shared(size, dtype), self.params) for _ in range(processes - 1)]
+        context = multiprocessing.get_context("fork")
+        self.workers: list[tuple[Any, Any, list[np.ndarray]]] = []
+        for worker_grads in grads:
+            here, there = context.Pipe()
+            ours = [pipe for _, pipe, _ in self.workers] + [here]  # the child closes its copies of these
+            worker = context.Process(
+                target=_serve, args=(there, ours, model, loss_fn, self.params, worker_grads), daemon=True
+            )
+            worker.start()
+            there.close()
+            self.workers.append((worker, here, worker_grads))
+        self.model, self.loss_fn = model, loss_fn
+
+    @property
+    def processes(self) -> int:
+        return len(self.workers) + 1
+
+    def _share_weights(self) -> None:
+        """Make the parameters views of the shared buffer again where something replaced one (load_state_dict)."""
+        for p, view in zip(self.params, self.weights):
+            if p.data is not view:
+                view[...] = p.data
+                p.data = view
+
+    def forward_backward(self, batch: Any, scale: float = 1.0) -> Any:
+        """loss_fn over `batch` (scaled by `scale`), its gradient added to the parameters' .grad; returns the loss.
+
+        The rows are cut into one part per process; each part's loss is weighted by its share of the rows.
+        """
+        parts = _split_rows(batch, self.processes)
+        if parts is None:  # nothing to share: this process does it all, on its threads
+            loss = self.loss_fn(self.model, batch) * scale
+            loss.backward()
+            return loss.data
+        self._share_weights()
+        rows = [_rows(part) for part in parts]
+        shares = [scale * n / sum(rows) for n in rows]
+        for (_, pipe, _), part, share in zip(self.workers, parts[1:], shares[1:]):
+            pipe.send((part, share))
+        threads = parallel.get_num_threads()
+        parallel.set_num_threads(1)  # the workers have the other cores
+        try:
+            loss = self.loss_fn(self.model, parts[0]) * shares[0]
+            loss.backward()
+        finally:
+            parallel.set_num_threads(threads)
+            results = [self._collect(worker) for worker in self.workers]  # also when this part failed: keep in step
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return loss.data + sum(results)
+
+    def _collect(self, worker: tuple[Any, Any, list[np.ndarray]]) -> float | BaseException:
+        """Wait for a worker's part; add its gradients to the parameters' and return its weighted loss
+        (or the error that stopped it)."""
+        process, pipe, grads = worker
+        try:
+            ok, value = pipe.recv()
+        except (EOFError, OSError):
+            process.join(1.0)
+            return WorkerDied(
+                f"training worker process {process.pid} died in a step (exit code {process.exitcode}; "
+                "killed, or out of memory?): train in one process with MINIGPT_NO_PROCESSES=1, or lower batch_size"
+            )
+        if not ok:
+            return RuntimeError(f"in training worker process {process.pid}: {value}")
+        for p, g in zip(self.params, grads):
+            if p.grad is not None:
+                p.grad = p.grad + g  # a new array: a leaf's grad may be shared with another tensor
+        return value
+
+    def workers_private_mb(self) -> float:
+        """Memory the workers hold apart from this process (their private pages), where Linux tells."""
+        total = 0
+        for process, _, _ in self.workers:
+            try:
+                with open(f"/proc/{process.pid}/smaps_rollup") as f:
+                    total += sum(
+                        int(line.split()[1]) for line in f if line.startswith(("Private_Clean", "Private_Dirty"))
+                    )
+            except OSError:
+                return 0.0
+        return total / 1024
+
+    def close(self) -> None:
+        """Stop the workers (each finishes the part it has) and wait for them."""
+        for _, pipe, _ in self.workers:
+            try:
+                pipe.send(None)
+            except OSError:
+                pass
+            pipe.close()
+        for process, _, _ in self.workers:
+            process.join(5.0)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self.workers = []
+
+
+def _rows(part: Any) -> int:
+    return len(part[0])
+
+
+def _split_rows(batch: Any, parts: int) -> list[Any] | None:
+    """The batch's arrays (a tuple or list of NumPy arrays with the same rows) cut into `parts` row
+    ranges, or None where it has other contents or fewer rows than parts."""
+    if not isinstance(batch, (tuple, list)) or not batch:
+        return None
+    if any(type(a) is not np.ndarray or a.ndim == 0 or len(a) != len(batch[0]) for a in batch):
+        return None
+    if len(batch[0]) < parts:
+        return None
+    return [type(batch)(a[s:e] for a in batch) for s, e in parallel.splits(len(batch[0]), parts)]
+
+
+def _serve(pipe: Any, parents_pipes: list[Any], model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor],
+           params: list[Tensor], grads: list[np.ndarray]) -> None:  # fmt: skip
+    """A worker's loop: for each (part, share) the parent sends, backpropagate share x loss_fn(part)
+    into the shared gradients and send back (True, weighted loss), or (False, the error). It ends when
+    the parent says so or is gone (its pipe closes: hence the parent's ends are closed here)."""
+    for end in parents_pipes:
+        end.close()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    parallel.set_num_threads(1)
+    while True:
+        try:
+            message = pipe.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if message is None:
+            return
+        part, share = message
+        try:
+            for p in params:
+                p.grad = None
+            loss = loss_fn(model, part) * share
+            loss.backward()
+            for p, g in zip(params, grads):
+                if p.grad is not None:
+                    g[...] = p.grad
+            pipe.send((True, float(loss.data)))
+        except BaseException as e:  # reported by the parent, which stops the run
+            pipe.send((False, f"{type(e).__name__}: {e}"))
