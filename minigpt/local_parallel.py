@@ -116,7 +116,10 @@ class LocalDataParallel:
         rows = [_rows(part) for part in parts]
         shares = [scale * n / sum(rows) for n in rows]
         for (_, pipe, _), part, share in zip(self.workers, parts[1:], shares[1:]):
-            pipe.send((part, share))
+            try:
+                pipe.send((part, share))
+            except OSError:  # the worker is gone: _collect says so
+                pass
         threads = parallel.get_num_threads()
         parallel.set_num_threads(1)  # the workers have the other cores
         try:

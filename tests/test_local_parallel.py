@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -124,3 +125,18 @@ def test_other_batches_and_models_run_here():
     finally:
         split.close()
     assert not multiprocessing.active_children()
+
+
+def test_a_worker_killed_between_steps_is_one_clear_error():
+    """As under `kill -TERM -PGID`: the worker is gone before the parent hands out the next step's rows."""
+    model = GPT(CONFIG, rng=np.random.default_rng(0))
+    split = LocalDataParallel(model, gpt_loss, processes=2)
+    try:
+        split.forward_backward(batches(1)[0])
+        process = split.workers[0][0]
+        os.kill(process.pid, signal.SIGKILL)
+        process.join()
+        with pytest.raises(WorkerDied, match="exit code -9"):
+            split.forward_backward(batches(1)[0])
+    finally:
+        split.close()
