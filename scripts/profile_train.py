@@ -2,9 +2,12 @@
 
     python scripts/profile_train.py --preset M
     python scripts/profile_train.py --preset S --steps 10
+    python scripts/profile_train.py --preset S --steps 100 --processes 2   # as train() runs on 2 cores
 
 Wraps every Function's forward and backward with a timer (a few µs of overhead per op), runs a
-few steps of bench_train.py's model, and prints per-step totals, largest first.
+few steps of bench_train.py's model, and prints per-step totals, largest first. With --processes N
+the batch is shared out as train() does (minigpt.local_parallel): the phases are the parent's, the
+op times those of its part.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ def main(argv: list[str] | None = None) -> None:
         "--preset", choices=sorted(CONFIGS), default="M", help="a named size, as bench_train.py's (default: M)"
     )
     parser.add_argument("--steps", type=int, default=4, help="profiled training steps (default: 4)")
+    parser.add_argument("--batch-size", type=int, help="sequences per step (default: the preset's)")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="processes sharing each batch (default: 1, this one on its threads)"
+    )
     args = parser.parse_args(argv)
 
     forward_s: dict[str, float] = collections.defaultdict(float)
@@ -55,8 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         return out
 
     function.Function.apply = classmethod(timed_apply)
-    s = CONFIGS[args.preset]
-    runner = MinigptRunner(s, "cpu", processes=1)  # the ops of one process, on its threads
+    s = {**CONFIGS[args.preset], **({"batch_size": args.batch_size} if args.batch_size else {})}
+    runner = MinigptRunner(s, "cpu", processes=args.processes)
     data = batches(s, args.steps + 1)
     runner.step(*data[0])  # warm-up, not counted
     forward_s.clear()
@@ -64,19 +71,27 @@ def main(argv: list[str] | None = None) -> None:
     phases = collections.defaultdict(float)
     for x, y in data[1:]:
         t0 = time.perf_counter()
-        _, loss = runner.model(x, y)
         runner.opt.zero_grad()
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
+        if runner.split is not None:  # both halves' forward and backward, and the gradients added
+            runner.split.forward_backward((x, y))
+            t1 = t2 = time.perf_counter()
+        else:
+            _, loss = runner.model(x, y)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
         clip_grad_norm_(runner.params, 1.0)
         t3 = time.perf_counter()
         runner.opt.step()
         t4 = time.perf_counter()
-        phases["forward"] += t1 - t0
-        phases["backward"] += t2 - t1
+        if runner.split is not None:
+            phases["forward+backward"] += t2 - t0
+        else:
+            phases["forward"] += t1 - t0
+            phases["backward"] += t2 - t1
         phases["clip"] += t3 - t2
         phases["adamw"] += t4 - t3
+    runner.close()
     n = args.steps
     ms = {k: v / n * 1e3 for k, v in phases.items()}
     print(f"config {args.preset}: step {sum(ms.values()):.1f} ms = " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()))
