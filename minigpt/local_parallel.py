@@ -1,7 +1,7 @@
 """Data parallel over this machine's cores: each training batch is shared out among processes.
 
 minigpt's threads hand work to each other through the GIL and the OS, tens of µs per hand-off on a
-VM, and a small model's step is a hundred such hand-offs: on 2 cores they speed config S's step up
+VM, and a small model's step is dozens of such hand-offs: on 2 cores they speed config S's step up
 only ~1.2x. Processes need two hand-offs per step. So when `train` runs on the CPU with N > 1
 threads, it forks N - 1 workers at its start. In every step each process runs forward and backward
 over its rows of the batch on one thread, and the parent adds the workers' gradients, weighted by
@@ -96,7 +96,7 @@ class LocalDataParallel:
         return len(self.workers) + 1
 
     def _share_weights(self) -> None:
-        """Make the parameters views of the shared buffer again where something replaced one (load_state_dict)."""
+        """Make the parameters views of the shared buffer again where something replaced an array (`p.data = ...`)."""
         for p, view in zip(self.params, self.weights):
             if p.data is not view:
                 view[...] = p.data
@@ -113,7 +113,7 @@ class LocalDataParallel:
             loss.backward()
             return loss.data
         self._share_weights()
-        rows = [_rows(part) for part in parts]
+        rows = [len(part[0]) for part in parts]
         shares = [scale * n / sum(rows) for n in rows]
         for (_, pipe, _), part, share in zip(self.workers, parts[1:], shares[1:]):
             try:
@@ -179,10 +179,6 @@ class LocalDataParallel:
                 process.kill()
                 process.join()
         self.workers = []
-
-
-def _rows(part: Any) -> int:
-    return len(part[0])
 
 
 def _split_rows(batch: Any, parts: int) -> list[Any] | None:
