@@ -361,3 +361,16 @@ def test_slices_and_whole_tensor_gradients_accumulate():
         return (a[:2] * 3).sum() + (b * b).sum() + b[1:].sum() + a[np.array([0, 0, 3])].sum() + a.sum()
 
     assert gradcheck(f, [x])
+
+
+def test_an_op_on_a_raw_array_or_list_says_to_wrap_it():
+    """As torch's 'must be Tensor, not numpy.ndarray': one line naming the op, not a device mix-up."""
+    import minigpt.functional as F
+    from minigpt import nn
+
+    with pytest.raises(TypeError, match=r"linear: expects Tensors, got \(ndarray, Parameter\); wrap arrays with"):
+        nn.Linear(3, 2, bias=False)(np.ones((2, 3), np.float32))
+    with pytest.raises(TypeError, match=r"gelu: expects Tensors, got \(ndarray\)"):
+        F.gelu(np.ones(3))
+    with pytest.raises(TypeError, match=r"relu: expects Tensors, got \(list\)"):
+        F.relu([1.0])

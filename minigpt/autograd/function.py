@@ -83,9 +83,14 @@ class Function:
         The graph is recorded only when grad mode is on and an input requires grad. Without it this
         is little more than the op's forward: generation runs here, op by op, so it is kept lean.
         """
-        datas = list(map(_data, inputs))
+        try:
+            datas = list(map(_data, inputs))
+        except AttributeError:  # a list, a number...
+            raise _not_tensors(cls.__name__, inputs) from None
         if len(datas) > 1 and len(set(map(type, datas))) > 1:  # another device (or an ndarray subclass)
             _check_devices(cls.__name__, inputs, datas)
+        elif type(datas[0]) is memoryview:  # an ndarray's .data
+            raise _not_tensors(cls.__name__, inputs)
         fn = implementation(cls, datas[0])()  # a device kernel of the op where one serves, else the op
         ctx = None
         if _grad_enabled:
@@ -124,7 +129,14 @@ def _tensor(data: Any, ctx: Function | None = None) -> Tensor:
     return result
 
 
+def _not_tensors(name: str, inputs: tuple[Any, ...]) -> TypeError:
+    kinds = ", ".join(type(t).__name__ for t in inputs)
+    return TypeError(f"{name.lower()}: expects Tensors, got ({kinds}); wrap arrays with minigpt.tensor(...)")
+
+
 def _check_devices(name: str, inputs: tuple[Tensor, ...], datas: list[Any]) -> None:
+    if not all(isinstance(t, Tensor) for t in inputs):  # an ndarray's .data is a memoryview
+        raise _not_tensors(name, inputs)
     on_cpu = isinstance(datas[0], np.ndarray)
     for d in datas:
         if isinstance(d, np.ndarray) is not on_cpu:
