@@ -201,6 +201,7 @@ def _serve(pipe: Any, parents_pipes: list[Any], model: nn.Module, loss_fn: Calla
     for end in parents_pipes:
         end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's handler: end here, the parent saves
     parallel.set_num_threads(1)
     while True:
         try:

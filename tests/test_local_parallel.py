@@ -140,3 +140,24 @@ def test_a_worker_killed_between_steps_is_one_clear_error():
             split.forward_backward(batches(1)[0])
     finally:
         split.close()
+
+
+def test_a_worker_ends_on_sigterm_whatever_handler_it_inherited():
+    """The command's SIGTERM handler raises in Python; a worker must not inherit it (it would report an
+    error instead of ending, and the run would stop with a traceback instead of saving)."""
+
+    def raising(signum, frame):
+        raise RuntimeError("the command's handler")
+
+    previous = signal.signal(signal.SIGTERM, raising)
+    try:
+        split = LocalDataParallel(GPT(CONFIG, rng=np.random.default_rng(0)), gpt_loss, processes=2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        split.forward_backward(batches(1)[0])  # the worker is in its loop
+        os.kill(split.workers[0][0].pid, signal.SIGTERM)
+        with pytest.raises(WorkerDied, match="exit code -15"):
+            split.forward_backward(batches(1)[0])
+    finally:
+        split.close()
