@@ -105,6 +105,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _lm_loss(model: GPT, batch: tuple[np.ndarray, np.ndarray]) -> Any:
+    return model(*batch)[1]
+
+
 class MinigptRunner:
     """minigpt's step as `train` runs it: on the CPU each batch shared out among processes (see
     minigpt.local_parallel; `processes` 1 keeps it on this process's threads)."""
@@ -116,11 +120,9 @@ class MinigptRunner:
         self.params = list(self.model.parameters())
         if processes is None:
             processes = processes_for(self.model, device, data_parallel=False)
-        self.processes, self.split = processes, None
+        self.split = LocalDataParallel(self.model, _lm_loss, processes) if processes > 1 else None  # forks at step 1
 
     def step(self, x: np.ndarray, y: np.ndarray) -> Any:
-        if self.split is None and self.processes > 1:  # forked at the first step, as train() does at its start
-            self.split = LocalDataParallel(self.model, lambda model, batch: model(*batch)[1], self.processes)
         self.opt.zero_grad()
         if self.split is not None:
             loss = self.split.forward_backward((x, y))

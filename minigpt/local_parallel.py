@@ -3,8 +3,9 @@
 minigpt's threads hand work to each other through the GIL and the OS, tens of µs per hand-off on a
 VM, and a small model's step is dozens of such hand-offs: on 2 cores they speed config S's step up
 only ~1.2x. Processes need two hand-offs per step. So when `train` runs on the CPU with N > 1
-threads, it forks N - 1 workers at its start. In every step each process runs forward and backward
-over its rows of the batch on one thread, and the parent adds the workers' gradients, weighted by
+threads, it forks N - 1 workers at its first step (fewer if the batch has fewer rows, each process
+then getting a share of the threads). In every step each process runs forward and backward over
+its rows of the batch on one thread, and the parent adds the workers' gradients, weighted by
 their rows, to its own before clipping and the update. The parameters live in shared memory, which
 the parent alone updates, so the workers always see the current weights; gradients come back
 through shared memory too, each worker's loss (or error) over a pipe. Evaluation and sampling stay
@@ -70,30 +71,41 @@ def _views(flat: np.ndarray, params: list[Tensor]) -> list[np.ndarray]:
 
 
 class LocalDataParallel:
-    """`processes` - 1 forked workers and the shared memory between them and this process."""
+    """Up to `processes` processes (this one and forked workers) and the shared memory between them.
+
+    The workers are forked at the first batch that can be shared: as many as its rows allow, each
+    process then running on its share of minigpt's threads (one each when there are as many
+    processes as threads, the default).
+    """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], processes: int):
+        self.model, self.loss_fn, self.max_processes = model, loss_fn, processes
         self.params = [p for p in model.parameters() if p.requires_grad]
-        size, dtype = sum(p.data.size for p in self.params), self.params[0].dtype
-        self.weights = _views(_shared(size, dtype), self.params)
-        self._share_weights()
-        grads = [_views(_shared(size, dtype), self.params) for _ in range(processes - 1)]
-        context = multiprocessing.get_context("fork")
         self.workers: list[tuple[Any, Any, list[np.ndarray]]] = []
-        for worker_grads in grads:
-            here, there = context.Pipe()
-            ours = [pipe for _, pipe, _ in self.workers] + [here]  # the child closes its copies of these
-            worker = context.Process(
-                target=_serve, args=(there, ours, model, loss_fn, self.params, worker_grads), daemon=True
-            )
-            worker.start()
-            there.close()
-            self.workers.append((worker, here, worker_grads))
-        self.model, self.loss_fn = model, loss_fn
+        self.weights: list[np.ndarray] = []  # the parameters' views of the shared buffer, once started
+        self.started, self.threads_each = False, 1
 
     @property
     def processes(self) -> int:
         return len(self.workers) + 1
+
+    def _start(self, processes: int) -> None:
+        """Put the weights in shared memory and fork processes - 1 workers."""
+        self.started = True
+        size, dtype = sum(p.data.size for p in self.params), self.params[0].dtype
+        self.weights = _views(_shared(size, dtype), self.params)
+        self._share_weights()
+        self.threads_each = max(1, parallel.get_num_threads() // processes)
+        context = multiprocessing.get_context("fork")
+        for _ in range(processes - 1):
+            grads = _views(_shared(size, dtype), self.params)
+            here, there = context.Pipe()
+            ours = [pipe for _, pipe, _ in self.workers] + [here]  # the child closes its copies of these
+            args = (there, ours, self.model, self.loss_fn, self.params, grads, self.threads_each)
+            worker = context.Process(target=_serve, args=args, daemon=True)
+            worker.start()
+            there.close()
+            self.workers.append((worker, here, grads))
 
     def _share_weights(self) -> None:
         """Make the parameters views of the shared buffer again where something replaced an array (`p.data = ...`)."""
@@ -107,27 +119,30 @@ class LocalDataParallel:
 
         The rows are cut into one part per process; each part's loss is weighted by its share of the rows.
         """
-        parts = _split_rows(batch, self.processes)
+        rows = _rows(batch)
+        if rows > 1 and not self.started:
+            self._start(min(self.max_processes, rows))
+        parts = _split_rows(batch, min(self.processes, rows))
         if parts is None:  # nothing to share: this process does it all, on its threads
             loss = self.loss_fn(self.model, batch) * scale
             loss.backward()
             return loss.data
         self._share_weights()
-        rows = [len(part[0]) for part in parts]
-        shares = [scale * n / sum(rows) for n in rows]
-        for (_, pipe, _), part, share in zip(self.workers, parts[1:], shares[1:]):
+        workers = self.workers[: len(parts) - 1]
+        shares = [scale * len(part[0]) / rows for part in parts]
+        for (_, pipe, _), part, share in zip(workers, parts[1:], shares[1:]):
             try:
                 pipe.send((part, share))
             except OSError:  # the worker is gone: _collect says so
                 pass
         threads = parallel.get_num_threads()
-        parallel.set_num_threads(1)  # the workers have the other cores
+        parallel.set_num_threads(self.threads_each)  # the workers have the other cores
         try:
             loss = self.loss_fn(self.model, parts[0]) * shares[0]
             loss.backward()
         finally:
             parallel.set_num_threads(threads)
-            results = [self._collect(worker) for worker in self.workers]  # also when this part failed: keep in step
+            results = [self._collect(worker) for worker in workers]  # also when this part failed: keep in step
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -181,20 +196,25 @@ class LocalDataParallel:
         self.workers = []
 
 
-def _split_rows(batch: Any, parts: int) -> list[Any] | None:
-    """The batch's arrays (a tuple or list of NumPy arrays with the same rows) cut into `parts` row
-    ranges, or None where it has other contents or fewer rows than parts."""
+def _rows(batch: Any) -> int:
+    """The rows of a batch that can be shared out: a tuple or list of NumPy arrays with the same
+    number of rows (0 for anything else)."""
     if not isinstance(batch, (tuple, list)) or not batch:
-        return None
+        return 0
     if any(type(a) is not np.ndarray or a.ndim == 0 or len(a) != len(batch[0]) for a in batch):
-        return None
-    if len(batch[0]) < parts:
+        return 0
+    return len(batch[0])
+
+
+def _split_rows(batch: Any, parts: int) -> list[Any] | None:
+    """The batch's arrays cut into `parts` row ranges, or None for fewer than 2 parts."""
+    if parts < 2:
         return None
     return [type(batch)(a[s:e] for a in batch) for s, e in parallel.splits(len(batch[0]), parts)]
 
 
 def _serve(pipe: Any, parents_pipes: list[Any], model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor],
-           params: list[Tensor], grads: list[np.ndarray]) -> None:  # fmt: skip
+           params: list[Tensor], grads: list[np.ndarray], threads: int) -> None:  # fmt: skip
     """A worker's loop: for each (part, share) the parent sends, backpropagate share x loss_fn(part)
     into the shared gradients and send back (True, weighted loss), or (False, the error). It ends when
     the parent says so or is gone (its pipe closes: hence the parent's ends are closed here)."""
@@ -202,7 +222,7 @@ def _serve(pipe: Any, parents_pipes: list[Any], model: nn.Module, loss_fn: Calla
         end.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's handler: end here, the parent saves
-    parallel.set_num_threads(1)
+    parallel.set_num_threads(threads)
     while True:
         try:
             message = pipe.recv()

@@ -74,9 +74,15 @@ def test_workers_see_weights_replaced_between_steps():
     assert_same_training(run(2, reload=reload), run(1, reload=reload))
 
 
-def test_a_batch_that_cannot_be_split_runs_here():
-    """Fewer rows than processes: the step runs in this process alone, with the same result."""
+def test_fewer_rows_than_processes_fork_as_many_workers_as_rows_allow(monkeypatch):
     assert_same_training(run(3, rows=2), run(1, rows=2))
+    monkeypatch.setattr("minigpt.autograd.parallel.get_num_threads", lambda: 4)
+    split = LocalDataParallel(GPT(CONFIG, rng=np.random.default_rng(0)), gpt_loss, processes=4)
+    try:
+        split.forward_backward(batches(1, rows=2)[0])
+        assert split.processes == 2 and split.threads_each == 2  # the 4 threads shared by 2 processes
+    finally:
+        split.close()
 
 
 def worker_fails(parent: int, kind: str):
