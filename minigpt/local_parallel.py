@@ -3,13 +3,14 @@
 minigpt's threads hand work to each other through the GIL and the OS, tens of µs per hand-off on a
 VM, and a small model's step is dozens of such hand-offs: on 2 cores they speed config S's step up
 only ~1.2x. Processes need two hand-offs per step. So when `train` runs on the CPU with N > 1
-threads, it forks N - 1 workers at its first step (fewer if the batch has fewer rows, each process
-then getting a share of the threads). In every step each process runs forward and backward over
-its rows of the batch on one thread, and the parent adds the workers' gradients, weighted by
-their rows, to its own before clipping and the update. The parameters live in shared memory, which
-the parent alone updates, so the workers always see the current weights; gradients come back
-through shared memory too, each worker's loss (or error) over a pipe. Evaluation and sampling stay
-in the parent, on its threads.
+threads, it forks N - 1 workers at its second step (fewer if the batch has fewer rows, each
+process then getting a share of the threads; the first step runs in the parent alone, so the
+workers inherit the kernels it loaded). In every step each process runs forward and backward over
+its rows of the batch (on one thread, when there are as many processes as threads), and the
+parent adds the workers' gradients, weighted by their rows, to its own before clipping and the
+update. The parameters live in shared memory, which the parent alone updates, so the workers
+always see the current weights; gradients come back through shared memory too, each worker's loss
+(or error) over a pipe. Evaluation and sampling stay in the parent, on its threads.
 
 The result is the single process's: the gradient of the batch's mean loss (to float rounding; the
 loss must be a mean over rows). Not used where it could differ or fail: on a GPU, under MPI
@@ -83,7 +84,7 @@ class LocalDataParallel:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.workers: list[tuple[Any, Any, list[np.ndarray]]] = []
         self.weights: list[np.ndarray] = []  # the parameters' views of the shared buffer, once started
-        self.started, self.threads_each = False, 1
+        self.started, self.warm, self.threads_each = False, False, 1
 
     @property
     def processes(self) -> int:
@@ -120,8 +121,9 @@ class LocalDataParallel:
         The rows are cut into one part per process; each part's loss is weighted by its share of the rows.
         """
         rows = _rows(batch)
-        if rows > 1 and not self.started:
+        if rows > 1 and self.warm and not self.started:
             self._start(min(self.max_processes, rows))
+        self.warm = True  # the first batch runs here alone: the workers inherit the kernels it loaded (S: 91 -> 33 MB)
         parts = _split_rows(batch, min(self.processes, rows))
         if parts is None:  # nothing to share: this process does it all, on its threads
             loss = self.loss_fn(self.model, batch) * scale
