@@ -3,9 +3,9 @@
 minigpt's threads hand work to each other through the GIL and the OS, tens of µs per hand-off on a
 VM, and a small model's step is dozens of such hand-offs: on 2 cores they speed config S's step up
 only ~1.2x. Processes need two hand-offs per step. So when `train` runs on the CPU with N > 1
-threads, it forks N - 1 workers at its second step (fewer if the batch has fewer rows, each
-process then getting a share of the threads; the first step runs in the parent alone, so the
-workers inherit the kernels it loaded). In every step each process runs forward and backward over
+threads, it forks N - 1 workers in its first step, once the parent has done its part (so they
+inherit the kernels that loaded); fewer if the batch has fewer rows, each process then getting a
+share of the threads. In every step each process runs forward and backward over
 its rows of the batch (on one thread, when there are as many processes as threads), and the
 parent adds the workers' gradients, weighted by their rows, to its own before clipping and the
 update. The parameters live in shared memory, which the parent alone updates, so the workers
@@ -84,19 +84,18 @@ class LocalDataParallel:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.workers: list[tuple[Any, Any, list[np.ndarray]]] = []
         self.weights: list[np.ndarray] = []  # the parameters' views of the shared buffer, once started
-        self.started, self.warm, self.threads_each = False, False, 1
+        self.started, self.threads_each = False, 1
 
     @property
     def processes(self) -> int:
         return len(self.workers) + 1
 
     def _start(self, processes: int) -> None:
-        """Put the weights in shared memory and fork processes - 1 workers."""
+        """Put the weights in shared memory and fork processes - 1 workers, on threads_each threads."""
         self.started = True
         size, dtype = sum(p.data.size for p in self.params), self.params[0].dtype
         self.weights = _views(_shared(size, dtype), self.params)
         self._share_weights()
-        self.threads_each = max(1, parallel.get_num_threads() // processes)
         context = multiprocessing.get_context("fork")
         for _ in range(processes - 1):
             grads = _views(_shared(size, dtype), self.params)
@@ -121,30 +120,34 @@ class LocalDataParallel:
         The rows are cut into one part per process; each part's loss is weighted by its share of the rows.
         """
         rows = _rows(batch)
-        if rows > 1 and self.warm and not self.started:
-            self._start(min(self.max_processes, rows))
-        self.warm = True  # the first batch runs here alone: the workers inherit the kernels it loaded (S: 91 -> 33 MB)
-        parts = _split_rows(batch, min(self.processes, rows))
+        parts = _split_rows(batch, min(self.processes if self.started else self.max_processes, rows))
         if parts is None:  # nothing to share: this process does it all, on its threads
             loss = self.loss_fn(self.model, batch) * scale
             loss.backward()
             return loss.data
-        self._share_weights()
-        workers = self.workers[: len(parts) - 1]
         shares = [scale * len(part[0]) / rows for part in parts]
-        for (_, pipe, _), part, share in zip(workers, parts[1:], shares[1:]):
-            try:
-                pipe.send((part, share))
-            except OSError:  # the worker is gone: _collect says so
-                pass
+        workers = self.workers[: len(parts) - 1]
+        if self.started:
+            self._share_weights()
+            _hand_out(workers, parts, shares)
+        else:
+            self.threads_each = max(1, parallel.get_num_threads() // len(parts))
         threads = parallel.get_num_threads()
         parallel.set_num_threads(self.threads_each)  # the workers have the other cores
         try:
             loss = self.loss_fn(self.model, parts[0]) * shares[0]
             loss.backward()
+        except BaseException:
+            for worker in workers:  # keep them in step
+                self._collect(worker)
+            raise
         finally:
             parallel.set_num_threads(threads)
-            results = [self._collect(worker) for worker in workers]  # also when this part failed: keep in step
+        if not self.started:  # forked after this process's part: the workers inherit the kernels it loaded
+            self._start(len(parts))  # (a worker's private memory at config S: 91 -> 34 MB)
+            workers = self.workers
+            _hand_out(workers, parts, shares)
+        results = [self._collect(worker) for worker in workers]
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -196,6 +199,15 @@ class LocalDataParallel:
                 process.kill()
                 process.join()
         self.workers = []
+
+
+def _hand_out(workers: list[tuple[Any, Any, Any]], parts: list[Any], shares: list[float]) -> None:
+    """Send each worker its part of the batch (parts[0] is this process's) and its share of the loss."""
+    for (_, pipe, _), part, share in zip(workers, parts[1:], shares[1:]):
+        try:
+            pipe.send((part, share))
+        except OSError:  # the worker is gone: _collect says so
+            pass
 
 
 def _rows(batch: Any) -> int:
