@@ -16,8 +16,9 @@ The result is the single process's: the gradient of the batch's mean loss (to fl
 loss must be a mean over rows). Not used where it could differ or fail: on a GPU, under MPI
 (`grad_sync`), with dropout (the workers would need random streams of their own, restored on
 resume), outside Linux (fork() without exec is unsafe with macOS's system libraries), and for a
-batch that is not a tuple of arrays with a row per example. MINIGPT_NO_PROCESSES=1 keeps training
-in one process, on its threads (to compare the two).
+batch that is not a tuple of arrays with a row per example. loss_fn runs in the workers too: what
+it changes there (a counter, a log) stays there. MINIGPT_NO_PROCESSES=1 keeps training in one
+process, on its threads (to compare the two).
 """
 
 from __future__ import annotations
