@@ -75,9 +75,9 @@ def _views(flat: np.ndarray, params: list[Tensor]) -> list[np.ndarray]:
 class LocalDataParallel:
     """Up to `processes` processes (this one and forked workers) and the shared memory between them.
 
-    The workers are forked at the first batch that can be shared: as many as its rows allow, each
-    process then running on its share of minigpt's threads (one each when there are as many
-    processes as threads, the default).
+    The workers are forked at the first batch that can be shared, once this process has done its
+    part of it: as many as its rows allow, each process then running on its share of minigpt's
+    threads (one each when there are as many processes as threads, the default).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], processes: int):
