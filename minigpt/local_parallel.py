@@ -13,7 +13,8 @@ always see the current weights; gradients come back through shared memory too, e
 (or error) over a pipe. Evaluation and sampling stay in the parent, on its threads.
 
 The result is the single process's: the gradient of the batch's mean loss (to float rounding; the
-loss must be a mean over rows). Not used where it could differ or fail: on a GPU, under MPI
+loss must be a mean over rows). The rounding depends on the number of parts, so a run resumed with
+another thread count continues the same maths, but not bit for bit. Not used where it could differ or fail: on a GPU, under MPI
 (`grad_sync`), with dropout (the workers would need random streams of their own, restored on
 resume), outside Linux (fork() without exec is unsafe with macOS's system libraries), and for a
 batch that is not a tuple of arrays with a row per example. loss_fn runs in the workers too: what
