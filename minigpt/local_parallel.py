@@ -14,12 +14,12 @@ always see the current weights; gradients come back through shared memory too, e
 
 The result is the single process's: the gradient of the batch's mean loss (to float rounding; the
 loss must be a mean over rows). The rounding depends on the number of parts, so a run resumed with
-another thread count continues the same maths, but not bit for bit. Not used where it could differ or fail: on a GPU, under MPI
-(`grad_sync`), with dropout (the workers would need random streams of their own, restored on
-resume), outside Linux (fork() without exec is unsafe with macOS's system libraries), and for a
-batch that is not a tuple of arrays with a row per example. loss_fn runs in the workers too: what
-it changes there (a counter, a log) stays there. MINIGPT_NO_PROCESSES=1 keeps training in one
-process, on its threads (to compare the two).
+another thread count continues the same maths, but not bit for bit. Not used where it could differ
+or fail: on a GPU, under MPI (`grad_sync`), with dropout (the workers would need random streams of
+their own, restored on resume), outside Linux (fork() without exec is unsafe with macOS's system
+libraries), and for a batch that is not a tuple of arrays with a row per example. loss_fn runs in
+the workers too: what it changes there (a counter, a log) stays there. MINIGPT_NO_PROCESSES=1 keeps
+training in one process, on its threads (to compare the two).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import numpy as np
 
 from minigpt import nn
 from minigpt.autograd import parallel
+from minigpt.autograd.backend import flat_views
 from minigpt.autograd.tensor import Tensor
 from minigpt.errors import UserError
 
@@ -64,15 +65,6 @@ def _shared(size: int, dtype: Any) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype)[:size]
 
 
-def _views(flat: np.ndarray, params: list[Tensor]) -> list[np.ndarray]:
-    """flat cut into arrays of the parameters' shapes, in order."""
-    views, offset = [], 0
-    for p in params:
-        views.append(flat[offset : offset + p.data.size].reshape(p.shape))
-        offset += p.data.size
-    return views
-
-
 class LocalDataParallel:
     """Up to `processes` processes (this one and forked workers) and the shared memory between them.
 
@@ -96,11 +88,11 @@ class LocalDataParallel:
         """Put the weights in shared memory and fork processes - 1 workers, on threads_each threads."""
         self.started = True
         size, dtype = sum(p.data.size for p in self.params), self.params[0].dtype
-        self.weights = _views(_shared(size, dtype), self.params)
+        self.weights = flat_views(_shared(size, dtype), [p.shape for p in self.params])
         self._share_weights()
         context = multiprocessing.get_context("fork")
         for _ in range(processes - 1):
-            grads = _views(_shared(size, dtype), self.params)
+            grads = flat_views(_shared(size, dtype), [p.shape for p in self.params])
             here, there = context.Pipe()
             ours = [pipe for _, pipe, _ in self.workers] + [here]  # the child closes its copies of these
             args = (there, ours, self.model, self.loss_fn, self.params, grads, self.threads_each)
@@ -146,7 +138,7 @@ class LocalDataParallel:
         finally:
             parallel.set_num_threads(threads)
         if not self.started:  # forked after this process's part: the workers inherit the kernels it loaded
-            self._start(len(parts))  # (a worker's private memory at config S: 91 -> 34 MB)
+            self._start(len(parts))  # (a worker's private memory at config S: 91 -> 33 MB)
             workers = self.workers
             _hand_out(workers, parts, shares)
         results = [self._collect(worker) for worker in workers]

@@ -326,11 +326,7 @@ def _flatten_group(xp: Any, params: list[Tensor], states: list[dict[str, Any]]) 
     for kind in _FLAT_KINDS:
         arrays = [p.data if kind == "param" else s[kind] for p, s in zip(params, states)]
         flat[kind] = buf = xp.concatenate([a.ravel() for a in arrays])
-        views, offset = [], 0
-        for a in arrays:
-            views.append(buf[offset : offset + a.size].reshape(a.shape))
-            offset += a.size
-        flat[kind + "_views"] = views
+        flat[kind + "_views"] = backend.flat_views(buf, [a.shape for a in arrays])
     for p, s, pv, mv, vv in zip(params, states, flat["param_views"], flat["exp_avg_views"], flat["exp_avg_sq_views"]):
         p.data, s["exp_avg"], s["exp_avg_sq"] = pv, mv, vv
     return flat

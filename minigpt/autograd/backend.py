@@ -6,6 +6,7 @@ array (`xp = get_array_module(a)`) and writes one code path for both.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -96,6 +97,16 @@ def to_device(a: Array, device: str) -> Array:
 
 def to_numpy(a: Array) -> np.ndarray:
     return to_device(a, "cpu")
+
+
+def flat_views(flat: Array, shapes: list[tuple[int, ...]]) -> list[Array]:
+    """Consecutive pieces of a flat array, in `shapes` (views: writing one writes `flat`)."""
+    views, offset = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        views.append(flat[offset : offset + size].reshape(shape))
+        offset += size
+    return views
 
 
 def index_add_rows(n_rows: int, ids: Array, values: Array) -> Array:
