@@ -129,8 +129,9 @@ class LocalDataParallel:
         threads = parallel.get_num_threads()
         parallel.set_num_threads(self.threads_each)  # the workers have the other cores
         try:
-            loss = self.loss_fn(self.model, parts[0]) * shares[0]
-            loss.backward()
+            with parallel.blas_at_one():  # once for the part, not per GEMM (setting BLAS's threads costs µs)
+                loss = self.loss_fn(self.model, parts[0]) * shares[0]
+                loss.backward()
         except BaseException:
             for worker in workers:  # keep them in step
                 self._collect(worker)
@@ -163,7 +164,7 @@ class LocalDataParallel:
             return RuntimeError(f"in training worker process {process.pid}: {value}")
         for p, g in zip(self.params, grads):
             if p.grad is not None:
-                p.grad = p.grad + g  # a new array: a leaf's grad may be shared with another tensor
+                p.grad += g  # in place: backward leaves each leaf a gradient buffer of its own
         return value
 
     def workers_private_mb(self) -> float:
@@ -231,22 +232,23 @@ def _serve(pipe: Any, parents_pipes: list[Any], model: nn.Module, loss_fn: Calla
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's handler: end here, the parent saves
     parallel.set_num_threads(threads)
-    while True:
-        try:
-            message = pipe.recv()
-        except (EOFError, OSError):  # the parent is gone
-            return
-        if message is None:
-            return
-        part, share = message
-        try:
-            for p in params:
-                p.grad = None
-            loss = loss_fn(model, part) * share
-            loss.backward()
-            for p, g in zip(params, grads):
-                if p.grad is not None:
-                    g[...] = p.grad
-            pipe.send((True, float(loss.data)))
-        except BaseException as e:  # reported by the parent, which stops the run
-            pipe.send((False, f"{type(e).__name__}: {e}"))
+    with parallel.blas_at_one():  # for the worker's life: its GEMMs run on its own threads
+        while True:
+            try:
+                message = pipe.recv()
+            except (EOFError, OSError):  # the parent is gone
+                return
+            if message is None:
+                return
+            part, share = message
+            try:
+                for p in params:
+                    p.grad = None
+                loss = loss_fn(model, part) * share
+                loss.backward()
+                for p, g in zip(params, grads):
+                    if p.grad is not None:
+                        g[...] = p.grad
+                pipe.send((True, float(loss.data)))
+            except BaseException as e:  # reported by the parent, which stops the run
+                pipe.send((False, f"{type(e).__name__}: {e}"))
