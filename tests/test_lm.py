@@ -14,6 +14,7 @@ from minigpt.lm import RunConfig, load_model, train_lm
 ROOT = Path(__file__).resolve().parents[1]
 
 sys.path.insert(0, str(ROOT / "scripts"))
+import bench_gemm as gemm_script  # noqa: E402
 import bench_train as bench_script  # noqa: E402
 import profile_train as profile_script  # noqa: E402
 import sample as sample_script  # noqa: E402
@@ -261,6 +262,14 @@ def test_profile_train_smoke(run_main, monkeypatch):
     assert profile.returncode == 0, profile.stderr
     ops = {line.split()[0] for line in profile.stdout.splitlines()[1:]}
     assert {"Linear", "Split", "LayerNorm", "CrossEntropy"} <= ops  # Split: an op with several outputs
+
+
+def test_bench_gemm_smoke(run_main):
+    bench = run_main(gemm_script.main, "--preset", "S", "--processes", "2", "--reps", "1", "--rounds", "1")
+    assert bench.returncode == 0, bench.stderr
+    assert "384 rows a process" in bench.stdout  # batch 12 x block 64 over 2 processes
+    rows = [line for line in bench.stdout.splitlines() if "->" in line]
+    assert len(rows) == 15 and all(float(r.split()[-1]) > 0 for r in rows)  # 5 Linears x 3 GEMMs, GFLOP/s
 
 
 def test_run_settings_are_declared_once():
