@@ -232,7 +232,7 @@ def _serve(pipe: Any, parents_pipes: list[Any], model: nn.Module, loss_fn: Calla
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the command's handler: end here, the parent saves
     parallel.set_num_threads(threads)
-    with parallel.blas_at_one():  # for the worker's life: its GEMMs run on its own threads
+    with parallel.blas_at_one():  # BLAS at one thread for the worker's life: its GEMMs run on minigpt's
         while True:
             try:
                 message = pipe.recv()

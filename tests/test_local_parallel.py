@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from minigpt import nn, optim
+from minigpt.autograd import parallel
 from minigpt.autograd.tensor import Tensor
 from minigpt.errors import UserError
 from minigpt.gpt import GPT, GPTConfig
@@ -63,10 +64,12 @@ def assert_same_training(a, b) -> None:
 @pytest.mark.parametrize("processes, rows, grad_accum", [(2, 4, 1), (3, 7, 1), (2, 4, 2)])
 def test_split_batch_trains_as_one_process(processes, rows, grad_accum):
     """Uneven parts (7 rows over 3 processes) are weighted by their rows; accumulation splits each micro-batch."""
+    blas_threads = parallel.blas_num_threads()
     one = run(1, rows=rows, grad_accum=grad_accum)
     assert_same_training(run(processes, rows=rows, grad_accum=grad_accum), one)
     assert one[1][0] != one[1][-1]  # it trained
     assert not multiprocessing.active_children()  # the workers are gone
+    assert parallel.blas_num_threads() == blas_threads  # held at one only while a part runs
 
 
 def test_workers_see_weights_replaced_between_steps():
