@@ -120,7 +120,8 @@ def test_cross_entropy_checks_targets_and_ignores_a_custom_index(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "tq, tk, causal", [(1, 1, True), (1, 9, True), (5, 12, True), (16, 16, True), (16, 16, False), (300, 300, True)]
+    "tq, tk, causal",
+    [(1, 1, True), (1, 9, True), (5, 12, True), (16, 16, True), (16, 16, False), (300, 300, True), (200, 260, True)],
 )
 def test_attention(dtype, tq, tk, causal, monkeypatch):
     q, k, v = randn(2, 3, tq, 8), randn(2, 3, tk, 8, seed=1), randn(2, 3, tk, 8, seed=2)
