@@ -129,6 +129,15 @@ def test_attention(dtype, tq, tk, causal, monkeypatch):
     compare(fn, [q, k, v], dtype, monkeypatch, kernels_cpu.ScaledDotProductAttention)
 
 
+def test_attention_dropout_draws_as_the_array_code(monkeypatch):
+    """With dropout the kernel attends in the array code's chunks, so the same rng gives the same mask."""
+    q, k, v = (randn(2, 3, 150, 8, seed=s) for s in range(3))  # 150 rows: 2 chunks of 75 in 64-row chunks, 1 in 128
+    fn = lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, dropout_p=0.3, rng=np.random.default_rng(5)
+    )
+    compare(fn, [q, k, v], np.float64, monkeypatch, kernels_cpu.ScaledDotProductAttention)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_rows", [11, 700])
 def test_embedding_backward_with_repeated_ids(dtype, n_rows, monkeypatch):
