@@ -109,6 +109,36 @@ def test_cross_entropy_with_ignored_targets(dtype, vocab, monkeypatch):
     compare(fn, [randn(2, rows // 2, vocab, scale=4.0)], dtype, monkeypatch, kernels_cpu.CrossEntropy)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_max_at_every_length_and_position(dtype):
+    """_row_max keeps 8 running maxima and a tail: the maximum in each lane and in the tail, ±inf too."""
+    row = np.random.default_rng(6).standard_normal(43).astype(dtype)
+    for n in range(1, 41):
+        for where in range(n):
+            for top in (100.0, np.inf):
+                r = row.copy()
+                r[where] = top
+                r[n] = 1e6  # past n: not seen
+                assert kernels_cpu._row_max(r, n) == r[:n].max(), (n, where, top)
+    assert kernels_cpu._row_max(np.full(11, -np.inf, dtype), 11) == -np.inf
+
+
+def test_a_nan_or_inf_in_a_row_gives_the_array_codes_nans(monkeypatch):
+    x = randn(4, 21)
+    x[1, 13], x[2, 0], x[3, 20] = np.nan, np.nan, np.inf  # mid-row (a lane), first, tail
+    for i in range(4):  # each row's loss alone: the mean would hide which row is NaN
+        fn = lambda x: F.cross_entropy(x, np.array([0]))
+        out_k, _ = run(fn, [x[i : i + 1]], monkeypatch, kernels=True)
+        with np.errstate(invalid="ignore"):  # the array code's inf - inf
+            out_a, _ = run(fn, [x[i : i + 1]], monkeypatch, kernels=False)
+        assert np.isnan(out_k.data) == np.isnan(out_a.data) == (i > 0), i
+    att = x[None].copy()  # attention's softmax kernel, every key seen
+    kernels_cpu.causal_softmax_rows(att, False)
+    with np.errstate(invalid="ignore"):
+        ref = np.exp(x - x.max(axis=1, keepdims=True))
+    np.testing.assert_array_equal(np.isnan(att[0]), np.isnan(ref / ref.sum(axis=1, keepdims=True)))
+
+
 def test_cross_entropy_checks_targets_and_ignores_a_custom_index(monkeypatch):
     monkeypatch.delenv(dispatch.SWITCHES["cpu"], raising=False)
     x = minigpt.tensor(randn(4, 7).astype(np.float32), requires_grad=True)
