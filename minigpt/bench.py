@@ -46,6 +46,7 @@ from minigpt.errors import UserError, cli_main
 from minigpt.gpt import GPT, GPTConfig
 from minigpt.local_parallel import LocalDataParallel, processes_for
 from minigpt.optim import AdamW, clip_grad_norm_
+from minigpt.train import _forward_backward  # the step as train() takes it
 
 SIZE_FLAGS = {
     "n_layer": "transformer blocks",
@@ -115,7 +116,7 @@ class MinigptRunner:
 
     def __init__(self, s: dict[str, int], device: str, seed: int = 0, processes: int | None = None):
         cfg = GPTConfig(**{k: s[k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")})
-        self.model = GPT(cfg, rng=np.random.default_rng(seed)).to(device)
+        self.model, self.device = GPT(cfg, rng=np.random.default_rng(seed)).to(device), device
         self.opt = AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1)
         self.params = list(self.model.parameters())
         if processes is None:
@@ -124,12 +125,7 @@ class MinigptRunner:
 
     def step(self, x: np.ndarray, y: np.ndarray) -> Any:
         self.opt.zero_grad()
-        if self.split is not None:
-            loss = self.split.forward_backward((x, y))
-        else:
-            _, loss = self.model(x, y)
-            loss.backward()
-            loss = loss.data
+        loss = _forward_backward(self.model, lambda: (x, y), _lm_loss, 1, self.device, self.split)
         clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         xp = get_array_module(loss)
