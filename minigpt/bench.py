@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from minigpt.autograd import parallel
+from minigpt.autograd import mkl, parallel
 from minigpt.autograd.backend import cupy_module, get_array_module, normalize_device, to_device
 from minigpt.cli import Parser
 from minigpt.errors import UserError, cli_main
@@ -71,7 +71,7 @@ def synchronize(device: str) -> None:
 
 
 def gemm_peak_gflops(n: int = 2048, reps: int = 10, device: str = "cpu") -> float:
-    """Best float32 GEMM rate on n x n matrices: on the CPU NumPy's BLAS over minigpt's threads
+    """Best float32 GEMM rate on n x n matrices: on the CPU minigpt's GEMM (NumPy's BLAS, or MKL) over its threads
     (one row slice each: as fast as OpenBLAS's own threading), cuBLAS (via CuPy) on "cuda"."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
     tokens = s["batch_size"] * s["block_size"]
     print(f"preset {args.preset or 'S'}: {s}, {parallel.get_num_threads()} threads, device {args.device}")
-    n, lib = (8192, "CuPy/cuBLAS") if args.device == "cuda" else (2048, "NumPy")
+    n, lib = (8192, "CuPy/cuBLAS") if args.device == "cuda" else (2048, mkl.describe())
     peak = gemm_peak_gflops(n, device=args.device)
     tf32 = " (TF32)" if args.tf32 and args.device == "cuda" else ""
     print(f"float32{tf32} GEMM peak ({n}^3 {lib} matmul): {peak:.1f} GFLOP/s")

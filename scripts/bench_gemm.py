@@ -6,15 +6,17 @@
 Times each Linear layer's three GEMMs (forward x @ W.T, backward g @ W and g.T @ x) at a preset's
 shapes, for one process's share of the batch (the rows `train` gives each process on the CPU, see
 minigpt.local_parallel) on one thread, the operands hot in cache: NumPy (OpenBLAS in its wheels)
-and PyTorch (MKL on x86), each engine in its own processes, by turns. minigpt's step runs these
-GEMMs through NumPy, so where PyTorch's BLAS is faster at a preset's shapes, that bounds how far
-ahead of PyTorch eager minigpt's step can get. Attention's small batched GEMMs are left out.
+and PyTorch (MKL on x86), and MKL called by minigpt where the `mkl` extra is installed, each
+engine in its own processes, by turns. minigpt's step runs these GEMMs through NumPy (or MKL, with
+the extra), so where PyTorch's BLAS is faster at a preset's shapes, that bounds how far ahead of
+PyTorch eager minigpt's step can get. Attention's small batched GEMMs are left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import operator
 import os
 import subprocess
 import sys
@@ -44,24 +46,29 @@ def time_gemms(engine: str, rows: int, shapes: list[tuple[str, int, int, int]], 
     import numpy as np
 
     rng = np.random.default_rng(0)
+    convert, product = np.asarray, operator.matmul
     if engine == "torch":
         import torch
 
         torch.set_num_threads(1)
         convert = torch.from_numpy
-    else:
-        convert = np.asarray
+    elif engine == "mkl":
+        from minigpt.autograd import mkl
+
+        if not mkl.available():
+            raise ImportError("the mkl extra is not installed")
+        product = mkl.matmul
     results = []
     for _, _, fan_in, fan_out in shapes:
         x, w, g = (convert(rng.standard_normal(shape, dtype=np.float32))
                    for shape in ((rows, fan_in), (fan_out, fan_in), (rows, fan_out)))  # fmt: skip
         best = []
         for a, b in ((x, w.T), (g, w), (g.T, x)):
-            a @ b  # warm: BLAS buffers, the operands in cache
+            product(a, b)  # warm: BLAS buffers, the operands in cache
             times = []
             for _ in range(reps):
                 t0 = time.perf_counter()
-                a @ b
+                product(a, b)
                 times.append(time.perf_counter() - t0)
             best.append(min(times))
         results.append(best)
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, help="processes sharing a batch (default: minigpt's threads)")
     parser.add_argument("--reps", type=int, default=50, help="timed calls per GEMM, the best kept (default: 50)")
     parser.add_argument("--rounds", type=int, default=2, help="processes per engine, by turns (default: 2)")
-    parser.add_argument("--child", choices=("numpy", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("numpy", "mkl", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--sizes", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -103,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     shapes = linear_shapes(s)
     best: dict[str, list[list[float]]] = {}
     for _ in range(args.rounds):
-        for engine in ("numpy", "torch"):
+        for engine in ("numpy", "mkl", "torch"):
             times = run_child(engine, rows, s, args.reps)
             if times is not None:
                 prev = best.get(engine, times)
@@ -123,9 +130,11 @@ def main(argv: list[str] | None = None) -> None:
                 line += f"{t * 1e3:12.3f}{flops / t / 1e9:9.1f}"
             print(line)
     print("a step's Linear GEMMs: " + ", ".join(f"{e} {totals[e] * 1e3:.2f} ms" for e in engines))
-    if "torch" in totals:
-        print(f"NumPy's BLAS takes {totals['numpy'] / totals['torch']:.2f}x PyTorch's time at these shapes")
-    else:
+    for engine in ("numpy", "mkl"):
+        if engine in totals and "torch" in totals:
+            name = "NumPy's BLAS" if engine == "numpy" else "MKL (the mkl extra)"
+            print(f"{name} takes {totals[engine] / totals['torch']:.2f}x PyTorch's time at these shapes")
+    if "torch" not in totals:
         print("PyTorch is not installed: NumPy alone (pip install torch to compare)")
 
 

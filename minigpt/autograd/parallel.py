@@ -13,6 +13,8 @@ multiplies (threadpoolctl finds the library: OpenBLAS, MKL, BLIS...), and set ba
 a user's own NumPy code keeps its threads; generation lends minigpt's threads to BLAS instead
 (`blas_threads`). Workers start on first use. Where the BLAS cannot be controlled, minigpt keeps
 one thread and BLAS threads as it likes. `set_num_threads` / MINIGPT_NUM_THREADS choose the count.
+Where the `mkl` extra is installed, the 2-D products run on MKL's GEMM instead, sequential, on the
+same threads (mkl.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from minigpt.autograd import mkl
 from minigpt.autograd.backend import get_array_module
 
 # ----------------------------------------------------------------------------- BLAS threads
@@ -269,30 +272,30 @@ def matmuls(*products: tuple[Any, Any] | None) -> list[Any]:
     if not whole:
         return [None if p is None else matmul(*p) for p in products]
     with blas_at_one():
-        results = iter(run_parallel([lambda p=p: np.matmul(*p) for p in pairs]))
+        results = iter(run_parallel([lambda p=p: mkl.matmul(*p) for p in pairs]))
     return [None if p is None else next(results) for p in products]
 
 
 def _split_matmul(a: Any, b: Any, out: Any) -> Any:
     parts = _num_threads
     if parts == 1 or a.ndim < 2 or b.ndim < 2:
-        return np.matmul(a, b, out=out)
+        return mkl.matmul(a, b, out=out)
     rows, cols = a.shape[-2], b.shape[-1]
     if 2.0 * max(a.size * cols, b.size * rows) < MIN_SPLIT_FLOPS:  # the FLOPs, batch dims broadcast
-        return np.matmul(a, b, out=out)
+        return mkl.matmul(a, b, out=out)
     if out is None:
         shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), rows, cols)
         out = np.empty(shape, dtype=np.result_type(a, b))
     if a.ndim > 2 and b.ndim == a.ndim and a.shape[0] == b.shape[0] and a.shape[0] >= parts:
         spans = splits(a.shape[0], a.shape[0])  # one task per batch entry
-        tasks = [lambda s=s, e=e: np.matmul(a[s:e], b[s:e], out=out[s:e]) for s, e in spans]
+        tasks = [lambda s=s, e=e: mkl.matmul(a[s:e], b[s:e], out=out[s:e]) for s, e in spans]
     else:
         # two slices per thread where they stay MIN_SLICE_ROWS thick, else one (MIN_SLICE_FLOOR rows at least)
         slices = 2 * parts if rows >= 2 * parts * MIN_SLICE_ROWS else min(parts, rows // MIN_SLICE_FLOOR)
         if slices < 2:
-            return np.matmul(a, b, out=out)
+            return mkl.matmul(a, b, out=out)
         spans = splits(rows, slices)  # row slices of a (and out)
-        tasks = [lambda s=s, e=e: np.matmul(a[..., s:e, :], b, out=out[..., s:e, :]) for s, e in spans]
+        tasks = [lambda s=s, e=e: mkl.matmul(a[..., s:e, :], b, out=out[..., s:e, :]) for s, e in spans]
     run_parallel(tasks)
     return out
 
