@@ -80,43 +80,39 @@ def available() -> bool:
 
 def _layout(a: np.ndarray) -> tuple[int, int] | None:
     """(CBLAS transpose flag, leading dimension) of a 2-D operand read row-major, or None where
-    neither of its dimensions has unit stride."""
-    rows, cols = a.shape
-    s0, s1 = (s // a.itemsize for s in a.strides)
-    if a.strides[1] == a.itemsize and (rows == 1 or (a.strides[0] % a.itemsize == 0 and s0 >= cols)):
-        return _NO_TRANS, max(s0, cols, 1)
-    if a.strides[0] == a.itemsize and (cols == 1 or (a.strides[1] % a.itemsize == 0 and s1 >= rows)):
-        return _TRANS, max(s1, rows, 1)
-    return None
-
-
-def _fits(a: np.ndarray, b: np.ndarray, out: np.ndarray | None) -> bool:
-    """Whether MKL's GEMM can take a @ b into out as they are (else NumPy's matmul does it)."""
-    if type(a) is not np.ndarray or type(b) is not np.ndarray or a.ndim != 2 or b.ndim != 2:
-        return False
-    if b.dtype != a.dtype or a.shape[1] != b.shape[0] or 0 in a.shape or 0 in b.shape:
-        return False
-    if max(*a.shape, b.shape[1]) > _INT_MAX:
-        return False
-    if out is None:
-        return True
-    shape_ok = out.dtype == a.dtype and out.shape == (a.shape[0], b.shape[1]) and out.flags.c_contiguous
-    return shape_ok and not (np.may_share_memory(out, a) or np.may_share_memory(out, b))
+    neither of its dimensions has unit stride (or it is empty, or too big for C ints)."""
+    (rows, cols), (s0, s1), size = a.shape, a.strides, a.itemsize
+    if s1 == size and s0 % size == 0 and (rows == 1 or s0 >= cols * size):
+        flag, ld = _NO_TRANS, max(s0 // size, cols)
+    elif s0 == size and s1 % size == 0 and (cols == 1 or s1 >= rows * size):
+        flag, ld = _TRANS, max(s1 // size, rows)
+    else:
+        return None
+    return (flag, ld) if rows and cols and ld <= _INT_MAX else None  # max() above: ld covers the row
 
 
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """a @ b on this thread: MKL's GEMM where it takes the operands (2-D, one float dtype, a unit
-    stride in each, `out` C-contiguous), else NumPy's matmul."""
-    gemm = _gemms.get(a.dtype) if available() else None
-    if gemm is None or not _fits(a, b, out):
+    stride in each, `out` C-contiguous and apart from them), else NumPy's matmul."""
+    if _gemms is None:
+        available()
+    gemm = _gemms.get(a.dtype)  # type: ignore[union-attr]
+    if gemm is None or type(a) is not np.ndarray or type(b) is not np.ndarray or a.ndim != 2 or b.ndim != 2:
         return np.matmul(a, b, out=out)
+    (m, k), n = a.shape, b.shape[-1]
     la, lb = _layout(a), _layout(b)
-    if la is None or lb is None or max(la[1], lb[1]) > _INT_MAX:
+    if la is None or lb is None or b.dtype != a.dtype or b.shape[0] != k:
         return np.matmul(a, b, out=out)
-    m, k, n = a.shape[0], a.shape[1], b.shape[1]
-    c = np.empty((m, n), dtype=a.dtype) if out is None else out
-    gemm(_ROW_MAJOR, la[0], lb[0], m, n, k, 1.0, a.ctypes.data, la[1], b.ctypes.data, lb[1], 0.0, c.ctypes.data, n)
-    return c
+    if out is None:
+        out = np.empty((m, n), dtype=a.dtype)
+    elif out.dtype != a.dtype or out.shape != (m, n) or not out.flags.c_contiguous or _overlaps(out, a, b):
+        return np.matmul(a, b, out=out)
+    gemm(_ROW_MAJOR, la[0], lb[0], m, n, k, 1.0, a.ctypes.data, la[1], b.ctypes.data, lb[1], 0.0, out.ctypes.data, n)
+    return out
+
+
+def _overlaps(out: np.ndarray, a: np.ndarray, b: np.ndarray) -> bool:
+    return np.may_share_memory(out, a) or np.may_share_memory(out, b)
 
 
 def describe() -> str:
