@@ -128,3 +128,18 @@ def test_not_installed_and_unusable_libraries_fall_back(monkeypatch, reload_mkl,
         assert "not usable" in capsys.readouterr().err
     else:
         assert not mkl.available()
+
+
+def test_numpy_built_on_mkl_is_left_alone(monkeypatch, reload_mkl):
+    """Conda's NumPy multiplies with MKL itself: minigpt then neither loads it nor sets its threading layer."""
+    monkeypatch.delenv(mkl.SWITCH, raising=False)
+    monkeypatch.setattr(mkl, "library_path", lambda: "/nonexistent/libmkl_rt.so.3")  # CDLL would fail loudly
+    monkeypatch.setattr(mkl, "_numpy_has_mkl", lambda: True)
+    assert not mkl.available()
+
+
+def test_numpys_own_blas_is_its_build_not_what_is_loaded():
+    mkl.available()  # loads MKL where the extra is installed: threadpoolctl then lists it beside OpenBLAS
+    if "openblas" not in np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]:
+        pytest.skip("NumPy is not built on OpenBLAS here")
+    assert not mkl._numpy_has_mkl()

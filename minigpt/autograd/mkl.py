@@ -8,7 +8,8 @@ installed, so it is an opt-in extra, never needed: `pip install -e ".[mkl]"`.
 It is loaded on minigpt's first CPU GEMM (not on import), through its single-library entry point
 libmkl_rt with the sequential threading layer: minigpt's own threads share GEMMs out (parallel.py)
 as they do OpenBLAS's, so MKL starts no threads of its own. The layer is a setting of that library
-for the whole process: code elsewhere in the process that calls the same libmkl_rt gets it too.
+for the whole process: code elsewhere in the process that calls the same libmkl_rt gets it too
+(where NumPy itself is built on MKL, as conda's is, minigpt leaves MKL alone and uses NumPy's).
 Only 2-D float32/float64 products whose operands have a unit stride in one dimension go to MKL;
 batched ones (attention's) and everything else stay NumPy's. MINIGPT_NO_MKL=1 keeps NumPy's BLAS.
 """
@@ -49,7 +50,7 @@ def _load() -> dict[Any, Any]:
     if os.environ.get(SWITCH, "") not in ("", "0"):
         return {}
     path = library_path()
-    if path is None:
+    if path is None or _numpy_has_mkl():
         return {}
     try:
         lib = ctypes.CDLL(path)  # a CDLL call releases the GIL: minigpt's threads multiply side by side
@@ -68,6 +69,16 @@ def _load() -> dict[Any, Any]:
         fn.argtypes = [i, i, i, i, i, i, scalar, p, i, p, i, scalar, p, i]
         gemms[np.dtype(dtype)] = fn
     return gemms
+
+
+def _numpy_has_mkl() -> bool:
+    """Whether NumPy itself is built on MKL (conda's builds): then its GEMMs are MKL's already, and
+    setting the layer here would make the user's own NumPy products sequential too."""
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]  # NumPy >= 1.26
+    except (TypeError, KeyError):
+        return False
+    return "mkl" in str(blas.get("name", "")).lower()
 
 
 def available() -> bool:
