@@ -2,8 +2,9 @@
 
 NumPy's wheels multiply with OpenBLAS. On Intel CPUs with AVX-512, MKL's GEMM is ~10-15% faster at
 a GPT's Linear shapes (`python scripts/bench_gemm.py`), and those GEMMs are most of a CPU training
-step (docs/cpu_performance.md). MKL is Intel's (Intel Simplified Software License) and ~700 MB
-installed, so it is an opt-in extra, never needed: `pip install -e ".[mkl]"`.
+step (docs/cpu_performance.md). MKL is Intel's (Intel Simplified Software License) and about 1 GB
+installed with its dependencies, so it is an opt-in extra, never needed: `pip install -e ".[mkl]"`
+(an `mkl` package installed for other reasons serves too).
 
 It is loaded on minigpt's first CPU GEMM (not on import), through its single-library entry point
 libmkl_rt with the sequential threading layer: minigpt's own threads share GEMMs out (parallel.py)
