@@ -270,7 +270,7 @@ def train_lm(cfg: RunConfig, explicit: set[str] | None = None, log: Callable[[st
 
 
 def _check_new_run(cfg: RunConfig, explicit: set[str]) -> None:
-    check_fits(cfg, vocab_size=1)  # the vocabulary is not known yet; absurd sizes are refused already
+    check_fits(cfg, vocab_size=None)  # the vocabulary is not known yet: absurd sizes are refused already
     if cfg.data is not None and cfg.data_dir is not None:
         raise UserError("--data and --data-dir both given: train on text (--data) or on prepared tokens (--data-dir)")
     if not cfg.resume and "vocab_size" in explicit and cfg.tokenizer != "bpe":

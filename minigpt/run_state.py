@@ -57,15 +57,17 @@ def available_bytes(device: str) -> int | None:
         return None
 
 
-def check_fits(cfg: RunConfig, vocab_size: int) -> None:
-    """Refuse, before allocating anything, a model and batch that cannot fit in the device's memory."""
-    need = estimate_train_bytes(replace(cfg.model, vocab_size=vocab_size), cfg.batch_size)
+def check_fits(cfg: RunConfig, vocab_size: int | None) -> None:
+    """Refuse, before allocating anything, a model and batch that cannot fit in the device's memory
+    (`vocab_size` None: not known yet, counted as 1, so only sizes absurd without it are refused)."""
+    need = estimate_train_bytes(replace(cfg.model, vocab_size=vocab_size or 1), cfg.batch_size)
     have = available_bytes(cfg.device)
     if have is not None and need > have:
         m = cfg.model
+        vocab = "" if vocab_size is None else f", vocab {vocab_size}"
         raise UserError(
             f"the model and batch need at least {need / 2**30:,.3g} GiB (n_layer {m.n_layer}, n_embd {m.n_embd}, "
-            f"block_size {m.block_size}, batch_size {cfg.batch_size}, vocab {vocab_size}) but the {cfg.device} "
+            f"block_size {m.block_size}, batch_size {cfg.batch_size}{vocab}) but the {cfg.device} "
             f"has {have / 2**30:,.3g} GiB; use a smaller --n-layer, --n-embd, --block-size or --batch-size"
         )
 

@@ -373,7 +373,8 @@ def test_os_errors_become_one_line_with_a_fix(tmp_path, text_file, capsys, monke
     ],
 )
 def test_absurd_numbers_are_refused_before_allocating(tmp_path, text_file, capsys, flags, words):
-    assert words in exit_2(capsys, train_script.main, args(tmp_path / "out", text_file, *flags))
+    err = exit_2(capsys, train_script.main, args(tmp_path / "out", text_file, *flags))
+    assert words in err and "vocab" not in err  # refused before the text is read: no vocabulary to name
     assert not (tmp_path / "out").exists()
 
 
