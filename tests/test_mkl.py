@@ -13,10 +13,9 @@ rng = np.random.default_rng(7)
 
 @pytest.fixture
 def reload_mkl(monkeypatch: pytest.MonkeyPatch):
-    """mkl.available() decides again in the test (it loads once per process), and again after it."""
+    """mkl.available() decides again in the test (it loads once per process); monkeypatch puts the
+    process's choice back after it."""
     monkeypatch.setattr(mkl, "_gemms", None)
-    yield
-    monkeypatch.undo()
 
 
 def test_layouts_give_transpose_flags_and_leading_dimensions():

@@ -60,15 +60,13 @@ def _load() -> dict[Any, Any]:
         print(f"minigpt: MKL found at {path} but not usable ({e}); multiplying with NumPy's BLAS", file=sys.stderr)
         return {}
     gemms = {}
+    i, p = ctypes.c_int, ctypes.c_void_p
     for dtype, name, scalar in (
         (np.float32, "cblas_sgemm", ctypes.c_float),
         (np.float64, "cblas_dgemm", ctypes.c_double),
     ):
-        fn = getattr(lib, name)
-        fn.restype = None
-        i, p = ctypes.c_int, ctypes.c_void_p
-        fn.argtypes = [i, i, i, i, i, i, scalar, p, i, p, i, scalar, p, i]
-        gemms[np.dtype(dtype)] = fn
+        fn = gemms[np.dtype(dtype)] = getattr(lib, name)
+        fn.argtypes, fn.restype = [i, i, i, i, i, i, scalar, p, i, p, i, scalar, p, i], None
     return gemms
 
 
